@@ -1,0 +1,56 @@
+"""The oracle backend: ``jax.lax.ragged_dot`` (gmm) and a masked product (tgmm).
+
+Exact semantics, any platform, slow on CPU and GPU (``ragged_dot`` lowers to a masked dense product
+there). ``group_offset`` is handled by padding the group list with zero "outside" groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _local_layout(group_sizes, group_offset, num_local_groups):
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    first = starts[group_offset]
+    last = ends[group_offset + num_local_groups - 1]
+    local = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, num_local_groups)
+    return first, last, local
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
+        interpret):
+    del tiling, interpret
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    g, k, n = rhs.shape
+    first, last, local = _local_layout(group_sizes, group_offset, g)
+    zeros = jnp.zeros((1, k, n), rhs.dtype)
+    rhs_ext = jnp.concatenate([zeros, rhs, zeros], axis=0)
+    sizes_ext = jnp.concatenate(
+        [first[None], local, (lhs.shape[0] - last)[None]]
+    ).astype(jnp.int32)
+    return jax.lax.ragged_dot(
+        lhs, rhs_ext, sizes_ext, preferred_element_type=preferred_element_type
+    ).astype(preferred_element_type)
+
+
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_type, tiling,
+         interpret):
+    del tiling, interpret
+    m = lhs.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    starts_G = jax.lax.dynamic_slice_in_dim(starts, group_offset, num_groups)
+    ends_G = jax.lax.dynamic_slice_in_dim(ends, group_offset, num_groups)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    mask_MxG = (rows[:, None] >= starts_G[None, :]) & (rows[:, None] < ends_G[None, :])
+    out = jnp.einsum(
+        "mg,mk,mn->gkn",
+        mask_MxG.astype(jnp.float32),
+        lhs.astype(jnp.float32),
+        rhs.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out.astype(preferred_element_type)

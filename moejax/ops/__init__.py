@@ -1,0 +1,5 @@
+"""Pure functions on arrays: routing, dispatch and the grouped-matmul front end."""
+
+from moejax.ops.gmm import gmm, tgmm
+
+__all__ = ["gmm", "tgmm"]

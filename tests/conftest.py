@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices and strict rank promotion, before anything imports jax."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile(
+    "moejax",
+    deadline=None,
+    max_examples=int(os.environ.get("MOEJAX_HYPOTHESIS_EXAMPLES", "20")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=os.environ.get("CI") == "true",
+)
+settings.load_profile("moejax")
+
+
+@pytest.fixture
+def single_device():
+    """For tests that must not see the 8 fake devices: the first CPU device, used explicitly."""
+    device = jax.devices("cpu")[0]
+    with jax.default_device(device):
+        yield device
