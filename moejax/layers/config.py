@@ -1,0 +1,159 @@
+"""``MoEConfig``: the frozen hyperparameters of one MoE layer (no experiment code needed to import it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DISPATCH_MODES = ("dense", "capacity", "dropless")
+EXPERT_KINDS = ("mlp", "glu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "squared_relu")
+GMM_BACKENDS = ("auto", "pallas_tpu", "pallas_gpu", "cpu", "reference")
+
+# Routers that decide per expert (not per token) bring their own dispatch; dense gating needs dense.
+ROUTER_DISPATCH = {
+    "softmax": ("dense",),
+    "expert_choice": ("capacity",),
+}
+
+# aux loss name (as routers return it) -> MoEConfig field holding its weight.
+LOSS_WEIGHT_FIELDS = {
+    "importance": "importance_weight",
+    "load": "load_weight",
+    "load_balancing": "load_balancing_weight",
+    "z_loss": "z_loss_weight",
+    "sequence_balance": "sequence_balance_weight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Hyperparameters of :class:`moejax.MoE` (and :class:`moejax.linen.MoE`).
+
+    Routers are names from ``moejax.ops.routing.ROUTERS``. ``experts_per_token`` is k (for
+    ``softmax`` gating it must equal ``num_experts``; for ``expert_choice`` it is unused and each
+    expert takes ``ceil(capacity_factor * T / E)`` tokens). ``hierarchical_noisy_top_k`` splits the
+    experts into ``num_expert_groups`` groups and picks ``topk_groups`` (default 1) groups per token,
+    then ``experts_per_token / topk_groups`` experts inside each; ``deepseek_v3`` uses the same two
+    fields for group-limited routing. Fine-grained experts (DeepSeekMoE) are
+    just more, smaller experts; shared experts are always-on FFNs of width
+    ``shared_d_ff or d_ff`` each, added to the routed output.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    experts_per_token: int = 2
+    router: str = "mixtral"
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    capacity_order: str = "first_come"
+    expert: str = "mlp"
+    activation: str = "gelu"
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    # Weights of the router's (unweighted) auxiliary losses; the layer reports them weighted.
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
+    load_balancing_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+    sequence_balance_weight: float = 1e-4
+    router_jitter: float = 0.0
+    # Router options.
+    renormalize: bool = False
+    gshard_policy: str = "random"
+    num_expert_groups: int = 1
+    topk_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    hash_vocab_size: int = 0
+    hash_seed: int = 0
+    # Numerics and kernels.
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32
+    gmm_backend: str = "auto"
+    gmm_tiling: tuple[int, int, int] | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        from moejax.ops.routing import ROUTERS  # the registry is the single list of names
+
+        for name in ("d_model", "d_ff", "num_experts", "experts_per_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(
+                f"MoEConfig.router must be one of {sorted(ROUTERS)}, got {self.router!r}"
+            )
+        _one_of("dispatch", self.dispatch, DISPATCH_MODES)
+        _one_of("expert", self.expert, EXPERT_KINDS)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _one_of("gmm_backend", self.gmm_backend, GMM_BACKENDS)
+        _one_of("capacity_order", self.capacity_order, ("first_come", "batch_priority"))
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.experts_per_token = {self.experts_per_token} exceeds "
+                f"num_experts = {self.num_experts}"
+            )
+        if self.router == "softmax" and self.experts_per_token != self.num_experts:
+            raise ValueError(
+                "MoEConfig.experts_per_token must equal num_experts for router='softmax' "
+                f"(dense gating uses every expert), got {self.experts_per_token} and "
+                f"{self.num_experts}"
+            )
+        allowed = ROUTER_DISPATCH.get(self.router)
+        if allowed is not None and self.dispatch not in allowed:
+            raise ValueError(
+                f"MoEConfig.router={self.router!r} does not fit dispatch={self.dispatch!r}; "
+                f"use dispatch in {allowed}"
+            )
+        if self.router == "switch" and self.experts_per_token != 1:
+            raise ValueError("MoEConfig.experts_per_token must be 1 for router='switch'")
+        if self.router == "gshard" and self.experts_per_token != 2:
+            raise ValueError("MoEConfig.experts_per_token must be 2 for router='gshard'")
+        if self.num_expert_groups < 1 or self.num_experts % self.num_expert_groups:
+            raise ValueError(
+                f"MoEConfig.num_expert_groups = {self.num_expert_groups} must be >= 1 and divide "
+                f"num_experts = {self.num_experts}"
+            )
+        if self.router == "hierarchical_noisy_top_k":
+            k_primary = self.topk_groups or 1
+            group_size = self.num_experts // self.num_expert_groups
+            if self.num_expert_groups < 2 or self.experts_per_token % k_primary or (
+                k_primary > self.num_expert_groups
+                or self.experts_per_token // k_primary > group_size
+            ):
+                raise ValueError(
+                    "router='hierarchical_noisy_top_k' needs num_expert_groups >= 2 and "
+                    "experts_per_token = topk_groups * (experts per chosen group), with "
+                    f"topk_groups <= num_expert_groups; got num_expert_groups = "
+                    f"{self.num_expert_groups}, topk_groups = {self.topk_groups}, "
+                    f"experts_per_token = {self.experts_per_token}"
+                )
+        if self.router == "hash" and self.hash_vocab_size < 1:
+            raise ValueError("MoEConfig.hash_vocab_size must be >= 1 for router='hash'")
+        if self.dispatch == "capacity" or self.router == "expert_choice":
+            if not self.capacity_factor > 0:
+                raise ValueError(
+                    f"MoEConfig.capacity_factor must be > 0 for dispatch={self.dispatch!r}, "
+                    f"got {self.capacity_factor}"
+                )
+        if self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}"
+            )
+        if self.router_jitter < 0 or self.router_jitter >= 1:
+            raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter}")
+        for loss, field in LOSS_WEIGHT_FIELDS.items():
+            if getattr(self, field) < 0:
+                raise ValueError(f"MoEConfig.{field} (weight of {loss!r}) must be >= 0")
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoEConfig.{field} must be one of {allowed}, got {value!r}")

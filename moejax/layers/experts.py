@@ -1,0 +1,103 @@
+"""Expert FFNs: ``E`` MLP or GLU experts stored as stacked weights, run in one of three dispatch modes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.layers.config import MoEConfig
+from moejax.ops import gmm
+
+ACTIVATION_FNS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
+def param(rngs: nnx.Rngs, shape, fan_in: int, axes, dtype) -> nnx.Param:
+    """A ``N(0, 1/fan_in)`` parameter carrying logical axis names for ``moejax.parallel``.
+
+    Sharding is applied from these names by ``moejax.parallel`` (``eager_sharding=False``), so the
+    layer also builds with no mesh at all.
+    """
+    value = jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(fan_in ** -0.5, dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Experts(nnx.Module):
+    """``num_experts`` FFNs: ``w_in`` [E, D, F], ``w_up`` [E, D, F] (GLU only), ``w_out`` [E, F, D].
+
+    Logical axes: ``("expert", "embed", "mlp")`` and ``("expert", "mlp", "embed")``.
+    """
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        e, d, f = config.num_experts, config.d_model, config.d_ff
+        self.config = config
+        self.w_in = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), config.param_dtype)
+        if config.expert == "glu":
+            self.w_up = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), config.param_dtype)
+        self.w_out = param(rngs, (e, f, d), f, ("expert", "mlp", "embed"), config.param_dtype)
+
+    def _weights(self):
+        dt = self.config.dtype
+        w_up = self.w_up[...].astype(dt) if self.config.expert == "glu" else None
+        return self.w_in[...].astype(dt), w_up, self.w_out[...].astype(dt)
+
+    def _hidden(self, h, up):
+        act = ACTIVATION_FNS[self.config.activation]
+        return act(h) * up if up is not None else act(h)
+
+    def grouped(self, sorted_x_TKxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        """Dropless: rows sorted by expert, ``group_sizes_E`` rows each, through ``moejax.ops.gmm``."""
+        w_in, w_up, w_out = self._weights()
+        kw = dict(backend=self.config.gmm_backend, tiling=self.config.gmm_tiling)
+        x = sorted_x_TKxD.astype(self.config.dtype)
+        h = gmm(x, w_in, group_sizes_E, **kw)
+        up = gmm(x, w_up, group_sizes_E, **kw) if w_up is not None else None
+        return gmm(self._hidden(h, up), w_out, group_sizes_E, **kw)
+
+    def batched(self, x_ExCxD: jax.Array) -> jax.Array:
+        """Capacity: a fixed ``[E, C, D]`` buffer, one batched matmul per projection."""
+        w_in, w_up, w_out = self._weights()
+        x = x_ExCxD.astype(self.config.dtype)
+        h = jnp.einsum("ecd,edf->ecf", x, w_in)
+        up = jnp.einsum("ecd,edf->ecf", x, w_up) if w_up is not None else None
+        return jnp.einsum("ecf,efd->ecd", self._hidden(h, up), w_out)
+
+    def dense(self, x_TxD: jax.Array, weights_TxE: jax.Array) -> jax.Array:
+        """Dense: every expert on every token, outputs weighted by the ``[T, E]`` gates (f32)."""
+        w_in, w_up, w_out = self._weights()
+        x = x_TxD.astype(self.config.dtype)
+        h = jnp.einsum("td,edf->tef", x, w_in)
+        up = jnp.einsum("td,edf->tef", x, w_up) if w_up is not None else None
+        y_TxExD = jnp.einsum("tef,efd->ted", self._hidden(h, up), w_out)
+        return jnp.einsum("te,ted->td", weights_TxE.astype(jnp.float32), y_TxExD.astype(jnp.float32))
+
+
+class SharedExperts(nnx.Module):
+    """Always-on FFN of ``num_shared_experts`` experts (DeepSeekMoE), stored as one wide FFN.
+
+    The sum of S FFNs of width F equals one FFN of width S·F, so one pair of matmuls does them all.
+    """
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        d = config.d_model
+        f = config.num_shared_experts * (config.shared_d_ff or config.d_ff)
+        self.config = config
+        self.w_in = param(rngs, (d, f), d, ("embed", "mlp"), config.param_dtype)
+        if config.expert == "glu":
+            self.w_up = param(rngs, (d, f), d, ("embed", "mlp"), config.param_dtype)
+        self.w_out = param(rngs, (f, d), f, ("mlp", "embed"), config.param_dtype)
+
+    def __call__(self, x_TxD: jax.Array) -> jax.Array:
+        dt = self.config.dtype
+        x = x_TxD.astype(dt)
+        h = ACTIVATION_FNS[self.config.activation](x @ self.w_in[...].astype(dt))
+        if self.config.expert == "glu":
+            h = h * (x @ self.w_up[...].astype(dt))
+        return h @ self.w_out[...].astype(dt)

@@ -1,0 +1,250 @@
+"""The MoE layer (flax.nnx): a router, E experts, a dispatch mode, optional shared experts.
+
+``y, aux = moe(x)`` for ``x`` of shape ``[..., d_model]``. ``aux.losses`` holds the router's auxiliary
+losses already multiplied by their ``MoEConfig`` weights (``aux.total_loss`` is their sum, to add to
+the caller's loss); ``aux.metrics`` holds per-expert load, max/mean load, load CV, router entropy and
+the fraction of token copies dropped by capacity (0 for dense and dropless dispatch).
+
+Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` toggle ``Router.deterministic``; routing
+noise and input jitter are drawn only in training, from the ``router`` rng stream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
+from moejax.layers.experts import Experts, SharedExperts, param
+from moejax.ops import dispatch as dispatch_ops
+from moejax.ops import routing as R
+
+NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
+
+
+class MoEAux(NamedTuple):
+    """What an MoE layer returns beside its output: weighted losses and routing metrics."""
+
+    losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+
+    @property
+    def total_loss(self) -> jax.Array:
+        return sum(self.losses.values(), jnp.zeros((), jnp.float32))
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's balancing bias: state updated by ``MoE.update_router_bias``, not by the optimiser."""
+
+
+class RouterTable(nnx.Variable):
+    """The hash router's fixed token-id -> expert table (never trained)."""
+
+
+class Router(nnx.Module):
+    """Router parameters and the call into ``moejax.ops.routing`` (all router math in float32).
+
+    Logits routers own ``w_router`` [D, E] (axes ``("embed", "expert")``). Noisy top-k owns ``w_gate``
+    and ``w_noise`` [D, E], zero-initialised as Shazeer et al. prescribe (equal gates and unit-free
+    noise at the start, so load starts balanced). Hierarchical noisy top-k owns primary [D, a] and
+    secondary [a, D, b] gates, also zero. DeepSeek-V3 adds ``bias`` [E] (a ``RouterBias``); hash owns
+    a ``RouterTable``.
+    """
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.deterministic = False
+        d, e = config.d_model, config.num_experts
+        name = config.router
+        if name == "noisy_top_k":
+            self.w_gate = nnx.Param(jnp.zeros((d, e), config.param_dtype),
+                                    out_sharding=("embed", "expert"), eager_sharding=False)
+            self.w_noise = nnx.Param(jnp.zeros((d, e), config.param_dtype),
+                                     out_sharding=("embed", "expert"), eager_sharding=False)
+        elif name == "hierarchical_noisy_top_k":
+            a = config.num_expert_groups
+            b = e // a
+            for attr, shape, axes in (
+                ("w_gate_primary", (d, a), ("embed", None)),
+                ("w_noise_primary", (d, a), ("embed", None)),
+                ("w_gate_secondary", (a, d, b), (None, "embed", None)),
+                ("w_noise_secondary", (a, d, b), (None, "embed", None)),
+            ):
+                setattr(self, attr, nnx.Param(jnp.zeros(shape, config.param_dtype),
+                                              out_sharding=axes, eager_sharding=False))
+        elif name == "hash":
+            self.table = RouterTable(
+                R.make_hash_table(config.hash_vocab_size, e, config.hash_seed)
+            )
+        else:
+            self.w_router = param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype)
+        if name == "deepseek_v3":
+            self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
+        needs_rng = name in NOISY_ROUTERS or name == "gshard" or config.router_jitter > 0
+        self.rngs = rngs["router"].fork() if needs_rng else nnx.data(None)
+
+    def _key(self, rngs):
+        stream = rngs if rngs is not None else self.rngs
+        if stream is None:
+            raise ValueError(
+                f"router={self.config.router!r} in training mode needs a 'router' rng stream: build "
+                "the layer with rngs=nnx.Rngs(...) or call moe.eval()"
+            )
+        if isinstance(stream, nnx.Rngs):
+            return stream["router"]()
+        if isinstance(stream, nnx.RngStream):
+            return stream()
+        return stream
+
+    def __call__(self, x_TxD, *, token_ids_T=None, sequence_length=None, rngs=None):
+        c = self.config
+        train = not self.deterministic
+        name = c.router
+        k = c.experts_per_token
+        key = self._key(rngs) if train and (
+            name in NOISY_ROUTERS or (name == "gshard" and c.gshard_policy != "all")
+            or c.router_jitter > 0
+        ) else None
+        jitter_key = None
+        if key is not None:
+            key, jitter_key = jax.random.split(key)
+        x = x_TxD.astype(jnp.float32)
+        if train and c.router_jitter > 0 and name != "hash":
+            x = R.jitter(x, jitter_key, c.router_jitter)
+        if name == "noisy_top_k":
+            return R.noisy_top_k(x, self.w_gate[...], self.w_noise[...], k, key=key, train=train)
+        if name == "hierarchical_noisy_top_k":
+            k_primary = c.topk_groups or 1
+            return R.hierarchical_noisy_top_k(
+                x, self.w_gate_primary[...], self.w_noise_primary[...],
+                self.w_gate_secondary[...], self.w_noise_secondary[...],
+                k_primary, k // k_primary, key=key, train=train,
+            )
+        if name == "hash":
+            if token_ids_T is None:
+                raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...)")
+            return R.hash_route(token_ids_T, self.table[...], k, num_experts=c.num_experts)
+        logits_TxE = x @ self.w_router[...].astype(jnp.float32)
+        if name == "softmax":
+            return R.softmax(logits_TxE)
+        if name == "top_k":
+            return R.top_k(logits_TxE, k, renormalize=c.renormalize)
+        if name == "switch":
+            return R.switch(logits_TxE)
+        if name == "mixtral":
+            return R.mixtral(logits_TxE, k)
+        if name == "gshard":
+            return R.gshard(logits_TxE, policy=c.gshard_policy if train else "all", key=key)
+        if name == "deepseek_v3":
+            return R.deepseek_v3(
+                logits_TxE, k, self.bias[...], routed_scaling_factor=c.routed_scaling_factor,
+                num_groups=c.num_expert_groups, topk_groups=c.topk_groups,
+                sequence_length=sequence_length,
+            )
+        if name == "expert_choice":
+            capacity = R.expert_choice_capacity(x.shape[0], c.num_experts, c.capacity_factor)
+            return R.expert_choice(logits_TxE, capacity)
+        raise ValueError(f"MoEConfig.router must be one of {sorted(R.ROUTERS)}, got {name!r}")
+
+
+class MoE(nnx.Module):
+    """Mixture-of-Experts layer: ``y, aux = MoE(config, rngs=nnx.Rngs(0))(x)``.
+
+    Attributes: ``router`` (:class:`Router`), ``experts`` (:class:`moejax.layers.experts.Experts`),
+    ``shared`` (:class:`SharedExperts`, only when ``num_shared_experts > 0``).
+    """
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a moejax.MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = Router(config, rngs=rngs)
+        self.experts = Experts(config, rngs=rngs)
+        if config.num_shared_experts:
+            self.shared = SharedExperts(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None,
+                 rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None):
+        c = self.config
+        if x.ndim < 2 or x.shape[-1] != c.d_model:
+            raise ValueError(
+                f"x must have shape [..., d_model] = [..., {c.d_model}] with at least one batch "
+                f"dimension, got {x.shape}"
+            )
+        batch_shape = x.shape[:-1]
+        num_tokens = math.prod(batch_shape)
+        x_TxD = x.reshape(num_tokens, c.d_model)
+        token_ids_T = None
+        if token_ids is not None:
+            if token_ids.shape != batch_shape:
+                raise ValueError(
+                    f"token_ids must have x's batch shape {batch_shape}, got {token_ids.shape}"
+                )
+            token_ids_T = token_ids.reshape(num_tokens)
+        sequence_length = batch_shape[-1] if len(batch_shape) >= 2 else None
+        routing = self.router(x_TxD, token_ids_T=token_ids_T, sequence_length=sequence_length,
+                              rngs=rngs)
+        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing)
+        if c.num_shared_experts:
+            y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+        losses = {name: getattr(c, LOSS_WEIGHT_FIELDS[name]) * value
+                  for name, value in routing.aux_losses.items()}
+        metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
+        y = y_TxD.astype(c.dtype).reshape(*batch_shape, c.d_model)
+        return y, MoEAux(losses, metrics)
+
+    def _dispatch(self, x_TxD, routing):
+        c = self.config
+        experts = self.experts
+        if isinstance(routing, R.ExpertChoiceRouting):
+            tokens_ExC = routing.token_indices
+            run = _maybe_remat(experts.batched, c.remat)
+            y_ExCxD = run(x_TxD[tokens_ExC]).astype(jnp.float32)
+            weighted = y_ExCxD * routing.combine_weights.astype(jnp.float32)[..., None]
+            y_TxD = jnp.zeros(x_TxD.shape, jnp.float32).at[tokens_ExC.reshape(-1)].add(
+                weighted.reshape(-1, c.d_model)
+            )
+            return y_TxD, routing.metrics.get("unrouted_fraction", jnp.zeros((), jnp.float32))
+        indices_TxK = routing.expert_indices
+        weights_TxK = routing.combine_weights
+        assigned_TxK = weights_TxK != 0
+        if c.dispatch == "dense":
+            weights_TxE = dispatch_ops.dense_combine_weights(indices_TxK, weights_TxK,
+                                                             c.num_experts)
+            run = _maybe_remat(experts.dense, c.remat)
+            return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
+        if c.dispatch == "capacity":
+            num_tokens, k = indices_TxK.shape
+            capacity = dispatch_ops.expert_capacity(num_tokens, k, c.num_experts,
+                                                    c.capacity_factor)
+            plan = dispatch_ops.capacity_dispatch(indices_TxK, weights_TxK, c.num_experts,
+                                                  capacity, c.capacity_order, assigned_TxK)
+            run = _maybe_remat(experts.batched, c.remat)
+            y_ExCxD = run(dispatch_ops.capacity_gather(x_TxD, plan, k))
+            y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, indices_TxK, weights_TxK,
+                                                  jnp.float32)
+            num_assigned = jnp.maximum(jnp.sum(assigned_TxK), 1)
+            dropped = jnp.sum(assigned_TxK & ~plan.kept_TxK) / num_assigned
+            return y_TxD, dropped.astype(jnp.float32)
+        sorted_x_TKxD, copies = dispatch_ops.permute(x_TxD, indices_TxK, c.num_experts,
+                                                     assigned_TxK)
+        run = _maybe_remat(experts.grouped, c.remat)
+        sorted_y_TKxD = run(sorted_x_TKxD, copies.group_sizes_E)
+        y_TxD = dispatch_ops.unpermute(sorted_y_TKxD, copies, weights_TxK, jnp.float32)
+        return y_TxD, jnp.zeros((), jnp.float32)
+
+    def update_router_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:
+        """DeepSeek-V3 balancing: ``bias += rate * sign(mean load - load)``, outside the optimiser."""
+        if self.config.router != "deepseek_v3":
+            raise ValueError(
+                f"update_router_bias needs router='deepseek_v3', got {self.config.router!r}"
+            )
+        self.router.bias[...] = R.update_bias(self.router.bias[...], tokens_per_expert, rate)
+
+
+def _maybe_remat(fn, remat: bool):
+    return jax.checkpoint(fn) if remat else fn

@@ -1,0 +1,244 @@
+"""Token dispatch: sending the T·k token copies chosen by a router to their experts and back.
+
+Three modes, all with static shapes and group sizes kept on device:
+
+* **dropless** (MegaBlocks, Gale et al. 2022): :func:`permute` sorts the copies by expert into a
+  ``[T·k, D]`` buffer with contiguous groups for :func:`moejax.ops.gmm`; :func:`unpermute` restores token
+  order and combines the k expert outputs with the gates (in f32). Both have custom VJPs whose
+  backward passes are gathers by the inverse permutation instead of the scatter-adds autodiff of a
+  gather would produce.
+* **capacity** (GShard / Switch): each expert takes at most ``C`` copies into an ``[E, C, D]`` buffer;
+  copies past ``C`` are dropped and contribute 0, the residual connection carries their token.
+  Built from index gathers, never from the ``[T, E, C]`` one-hot einsum.
+* **dense**: every expert on every token, weighted by the (possibly sparse) gates; see
+  :func:`dense_combine_weights`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CAPACITY_ORDERS = ("first_come", "batch_priority")
+
+
+# --------------------------------------------------------------------------- permutation helpers
+
+
+class SortedCopies(NamedTuple):
+    """Copies of tokens sorted by expert (stable within an expert).
+
+    order_TK: position p of the sorted list holds copy ``order_TK[p]`` (copy c = token c // k, choice
+    c % k). inverse_TK: where copy c sits in the sorted list. group_sizes_E: copies per expert.
+    """
+
+    order_TK: jax.Array
+    inverse_TK: jax.Array
+    group_sizes_E: jax.Array
+
+
+def _expert_ids(expert_indices_TxK, num_experts, assigned_TxK):
+    experts_TK = expert_indices_TxK.reshape(-1).astype(jnp.int32)
+    if assigned_TxK is None:
+        return experts_TK
+    # Unassigned copies go to a virtual expert E: sorted last, past sum(group_sizes), never computed.
+    return jnp.where(assigned_TxK.reshape(-1), experts_TK, num_experts)
+
+
+def sort_copies(expert_indices_TxK: jax.Array, num_experts: int,
+                priority_TK: jax.Array | None = None,
+                assigned_TxK: jax.Array | None = None) -> SortedCopies:
+    """Stable sort of the flattened ``[T·k]`` copies by expert id.
+
+    ``priority_TK`` (optional) is the order in which copies are considered before the stable sort by
+    expert: the sorted list then holds, within each expert, copies in priority order.
+    ``assigned_TxK`` (optional) marks the copies a router really assigned (GShard may drop a second
+    expert); the others are sorted after every group and counted in no group.
+    """
+    experts_TK = _expert_ids(expert_indices_TxK, num_experts, assigned_TxK)
+    num_copies = experts_TK.shape[0]
+    if priority_TK is None:
+        order_TK = jnp.argsort(experts_TK, stable=True).astype(jnp.int32)
+    else:
+        by_expert = jnp.argsort(experts_TK[priority_TK], stable=True)
+        order_TK = priority_TK[by_expert].astype(jnp.int32)
+    inverse_TK = jnp.zeros((num_copies,), jnp.int32).at[order_TK].set(
+        jnp.arange(num_copies, dtype=jnp.int32), unique_indices=True
+    )
+    group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[experts_TK].add(1, mode="drop")
+    return SortedCopies(order_TK, inverse_TK, group_sizes_E)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_copies(x_TxD, order_TK, inverse_TK, k):
+    return x_TxD[order_TK // k]
+
+
+def _gather_copies_fwd(x_TxD, order_TK, inverse_TK, k):
+    return x_TxD[order_TK // k], inverse_TK
+
+
+def _gather_copies_bwd(k, inverse_TK, d_sorted_TKxD):
+    # Sorting is a permutation: its transpose is the inverse permutation, a gather.
+    d_copies_TxKxD = d_sorted_TKxD[inverse_TK].reshape(-1, k, d_sorted_TKxD.shape[-1])
+    return d_copies_TxKxD.sum(axis=1), None, None
+
+
+_gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
+
+
+@jax.custom_vjp
+def _ungather(sorted_TKxD, order_TK, inverse_TK):
+    return sorted_TKxD[inverse_TK]
+
+
+def _ungather_fwd(sorted_TKxD, order_TK, inverse_TK):
+    return sorted_TKxD[inverse_TK], order_TK
+
+
+def _ungather_bwd(order_TK, d_copies_TKxD):
+    return d_copies_TKxD[order_TK], None, None
+
+
+_ungather.defvjp(_ungather_fwd, _ungather_bwd)
+
+
+# --------------------------------------------------------------------------- dropless
+
+
+def permute(x_TxD: jax.Array, expert_indices_TxK: jax.Array, num_experts: int,
+            assigned_TxK: jax.Array | None = None):
+    """Sorts the T·k token copies by expert.
+
+    Returns ``(sorted_x_TKxD, sorted_copies)``: rows of expert e are contiguous, in token order, and
+    ``sorted_copies.group_sizes_E`` counts them (on device). No assigned copy is ever dropped;
+    unassigned copies (``assigned_TxK`` False) sit after the last group, where gmm gives 0.
+    """
+    _check_indices(x_TxD, expert_indices_TxK)
+    k = expert_indices_TxK.shape[1]
+    copies = sort_copies(expert_indices_TxK, num_experts, assigned_TxK=assigned_TxK)
+    return _gather_copies(x_TxD, copies.order_TK, copies.inverse_TK, k), copies
+
+
+def unpermute(sorted_y_TKxD: jax.Array, copies: SortedCopies, combine_weights_TxK: jax.Array,
+              out_dtype=None):
+    """Inverse of :func:`permute`, combining each token's k expert outputs with its gates in f32."""
+    num_tokens, k = combine_weights_TxK.shape
+    y_TxKxD = _ungather(sorted_y_TKxD, copies.order_TK, copies.inverse_TK).reshape(
+        num_tokens, k, sorted_y_TKxD.shape[-1]
+    )
+    y_TxD = jnp.einsum("tk,tkd->td", combine_weights_TxK.astype(jnp.float32),
+                       y_TxKxD.astype(jnp.float32))
+    return y_TxD.astype(out_dtype or sorted_y_TKxD.dtype)
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor · T · k / E), at least 1 (an expert always has room for one copy)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+
+
+class CapacityDispatch(NamedTuple):
+    """Where each copy went in the ``[E, C, D]`` buffer.
+
+    slot_copy_ExC: copy filling each slot (or -1 for an empty slot). position_TxK: slot of each copy
+    within its expert; kept_TxK: whether the copy fit (position < C).
+    """
+
+    slot_copy_ExC: jax.Array
+    position_TxK: jax.Array
+    kept_TxK: jax.Array
+
+
+def capacity_priority(combine_weights_TxK: jax.Array, order: str = "first_come") -> jax.Array:
+    """The order in which copies claim expert slots, as a permutation of the T·k copies.
+
+    ``first_come`` (GShard, Switch): all first choices in token order, then all second choices, ...
+    ``batch_priority`` (V-MoE, Riquelme et al. 2021): within each choice rank, tokens with larger
+    top gate first, so that under pressure the least confident tokens are the ones dropped.
+    """
+    if order not in CAPACITY_ORDERS:
+        raise ValueError(f"capacity order must be one of {CAPACITY_ORDERS}, got {order!r}")
+    num_tokens, k = combine_weights_TxK.shape
+    tokens_T = jnp.arange(num_tokens, dtype=jnp.int32)
+    if order == "batch_priority":
+        top_gate_T = jnp.max(combine_weights_TxK.astype(jnp.float32), axis=1)
+        tokens_T = jnp.argsort(-top_gate_T, stable=True).astype(jnp.int32)
+    ranks_K = jnp.arange(k, dtype=jnp.int32)
+    return (tokens_T[None, :] * k + ranks_K[:, None]).reshape(-1)
+
+
+def capacity_dispatch(expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
+                      num_experts: int, capacity: int, order: str = "first_come",
+                      assigned_TxK: jax.Array | None = None) -> CapacityDispatch:
+    """Assigns each copy a slot ``< capacity`` of its expert, in priority order; the rest drop.
+
+    Unassigned copies (``assigned_TxK`` False) take no slot and are not counted as kept.
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity must be > 0, got {capacity}")
+    num_tokens, k = expert_indices_TxK.shape
+    priority_TK = capacity_priority(combine_weights_TxK, order)
+    copies = sort_copies(expert_indices_TxK, num_experts, priority_TK, assigned_TxK)
+    starts_E = jnp.cumsum(copies.group_sizes_E) - copies.group_sizes_E
+    experts_TK = expert_indices_TxK.reshape(-1)
+    position_TK = copies.inverse_TK - starts_E[experts_TK]
+    if assigned_TxK is not None:
+        position_TK = jnp.where(assigned_TxK.reshape(-1), position_TK, capacity)
+    slots_C = jnp.arange(capacity, dtype=jnp.int32)
+    sorted_index_ExC = starts_E[:, None] + slots_C[None, :]
+    filled_ExC = slots_C[None, :] < copies.group_sizes_E[:, None]
+    safe_index_ExC = jnp.clip(sorted_index_ExC, 0, num_tokens * k - 1)
+    slot_copy_ExC = jnp.where(filled_ExC, copies.order_TK[safe_index_ExC], -1)
+    position_TxK = position_TK.reshape(num_tokens, k)
+    return CapacityDispatch(slot_copy_ExC, position_TxK, position_TxK < capacity)
+
+
+def capacity_gather(x_TxD: jax.Array, dispatch: CapacityDispatch, k: int) -> jax.Array:
+    """The ``[E, C, D]`` expert input buffer; empty slots are 0."""
+    filled_ExC = dispatch.slot_copy_ExC >= 0
+    tokens_ExC = jnp.maximum(dispatch.slot_copy_ExC, 0) // k
+    return jnp.where(filled_ExC[..., None], x_TxD[tokens_ExC], jnp.zeros((), x_TxD.dtype))
+
+
+def capacity_combine(y_ExCxD: jax.Array, dispatch: CapacityDispatch,
+                     expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
+                     out_dtype=None) -> jax.Array:
+    """Each token's kept copies' outputs weighted by their gates (f32); dropped copies give 0."""
+    capacity = y_ExCxD.shape[1]
+    position_TxK = jnp.minimum(dispatch.position_TxK, capacity - 1)
+    y_TxKxD = y_ExCxD[expert_indices_TxK, position_TxK]
+    weights_TxK = jnp.where(dispatch.kept_TxK, combine_weights_TxK.astype(jnp.float32), 0.0)
+    y_TxD = jnp.einsum("tk,tkd->td", weights_TxK, y_TxKxD.astype(jnp.float32))
+    return y_TxD.astype(out_dtype or y_ExCxD.dtype)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_combine_weights(expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
+                          num_experts: int) -> jax.Array:
+    """The ``[T, E]`` gate matrix (zeros for experts not chosen) for dense dispatch."""
+    num_tokens = expert_indices_TxK.shape[0]
+    rows_TxK = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], expert_indices_TxK.shape)
+    return jnp.zeros((num_tokens, num_experts), jnp.float32).at[rows_TxK, expert_indices_TxK].add(
+        combine_weights_TxK.astype(jnp.float32)
+    )
+
+
+def _check_indices(x_TxD, expert_indices_TxK):
+    if x_TxD.ndim != 2:
+        raise ValueError(f"tokens must have shape [T, D], got {x_TxD.shape}")
+    if expert_indices_TxK.ndim != 2 or expert_indices_TxK.shape[0] != x_TxD.shape[0]:
+        raise ValueError(
+            f"expert_indices must have shape [T, k] with T = {x_TxD.shape[0]}, "
+            f"got {expert_indices_TxK.shape}"
+        )
