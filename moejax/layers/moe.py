@@ -100,9 +100,10 @@ class Router(nnx.Module):
             return stream()
         return stream
 
-    def __call__(self, x_TxD, *, token_ids_T=None, sequence_length=None, rngs=None):
+    def __call__(self, x_TxD, *, token_ids_T=None, sequence_length=None, deterministic=None,
+                 rngs=None):
         c = self.config
-        train = not self.deterministic
+        train = not (self.deterministic if deterministic is None else deterministic)
         name = c.router
         k = c.experts_per_token
         key = self._key(rngs) if train and (
@@ -168,7 +169,14 @@ class MoE(nnx.Module):
             self.shared = SharedExperts(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None,
+                 deterministic: bool | None = None,
                  rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None):
+        """Routes ``x`` [..., d_model] through the experts; returns ``(y, aux)``.
+
+        token_ids: int ids with x's batch shape (the hash router needs them).
+        deterministic: overrides ``router.deterministic`` (eval mode: no noise, no jitter).
+        rngs: overrides the router's stored rng stream.
+        """
         c = self.config
         if x.ndim < 2 or x.shape[-1] != c.d_model:
             raise ValueError(
@@ -187,7 +195,7 @@ class MoE(nnx.Module):
             token_ids_T = token_ids.reshape(num_tokens)
         sequence_length = batch_shape[-1] if len(batch_shape) >= 2 else None
         routing = self.router(x_TxD, token_ids_T=token_ids_T, sequence_length=sequence_length,
-                              rngs=rngs)
+                              deterministic=deterministic, rngs=rngs)
         y_TxD, dropped_fraction = self._dispatch(x_TxD, routing)
         if c.num_shared_experts:
             y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
