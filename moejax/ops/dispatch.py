@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax.ops.routing import batch_priority_order
+
 CAPACITY_ORDERS = ("first_come", "batch_priority")
 
 
@@ -170,8 +172,7 @@ def capacity_priority(combine_weights_TxK: jax.Array, order: str = "first_come")
     num_tokens, k = combine_weights_TxK.shape
     tokens_T = jnp.arange(num_tokens, dtype=jnp.int32)
     if order == "batch_priority":
-        top_gate_T = jnp.max(combine_weights_TxK.astype(jnp.float32), axis=1)
-        tokens_T = jnp.argsort(-top_gate_T, stable=True).astype(jnp.int32)
+        tokens_T = batch_priority_order(combine_weights_TxK)
     ranks_K = jnp.arange(k, dtype=jnp.int32)
     return (tokens_T[None, :] * k + ranks_K[:, None]).reshape(-1)
 

@@ -1,0 +1,69 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"): each expert
+takes its top-C tokens, so every expert is exactly full and no balancing loss is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moejax.ops.routing.common import (
+    ExpertChoiceRouting,
+    check_int,
+    check_logits,
+    routing_metrics,
+    z_loss,
+)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert C = ceil(capacity_factor * T / E), at most T (Zhou et al. 2022: k = n * c / e).
+
+    ``capacity_factor`` is the average number of experts per token.
+    """
+    num_tokens = check_int(num_tokens, "num_tokens", low=1)
+    num_experts = check_int(num_experts, "num_experts", low=1)
+    if not capacity_factor > 0.0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def expert_choice(logits: jax.Array, capacity: int) -> ExpertChoiceRouting:
+    """Expert-choice routing, Zhou et al. 2022, section 3.2, eq. 1:
+
+      S = Softmax(X . W_g) in R^{T x E} (softmax over experts, per token);  G, I = TopK(S^T, C).
+
+    Expert e processes tokens ``token_indices[e]`` = I[e] (its C highest-scoring tokens, descending) and
+    its output for token I[e, c] is weighted by G[e, c]. A token can be taken by several experts or by
+    none (``metrics["unrouted_fraction"]``).
+
+    NOT causal: an expert's choice of a token depends on the scores of every other token in the batch,
+    later positions included, so it cannot be used for autoregressive decoding as is.
+
+    Args:
+      logits: [T, E] floating (X . W_g from the caller; float32 math).
+      capacity: C, tokens per expert, 1 <= C <= T (see ``expert_choice_capacity``).
+
+    Returns:
+      ExpertChoiceRouting(token_indices int32 [E, C], combine_weights float32 [E, C],
+      aux_losses {"z_loss"}, metrics): ``tokens_per_expert`` is C for every expert, the router's
+      distribution for ``router_entropy`` is S, plus ``unrouted_fraction`` (tokens no expert chose / T).
+    """
+    num_experts = check_logits(logits)
+    num_tokens = logits.shape[0]
+    capacity = check_int(capacity, "capacity", low=1, high=num_tokens)
+    logits_TxE = logits.astype(jnp.float32)
+    scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+    # Chosen on S itself (the paper's TopK(S^T)): per expert the order of tokens is that of S[:, e].
+    gates_ExC, token_indices_ExC = jax.lax.top_k(scores_TxE.T, capacity)
+    chosen_T = jnp.zeros((num_tokens,), jnp.float32).at[token_indices_ExC.reshape(-1)].add(1.0)
+    metrics = routing_metrics(jnp.full((num_experts,), float(capacity), jnp.float32), scores_TxE)
+    metrics["unrouted_fraction"] = jnp.mean((chosen_T == 0.0).astype(jnp.float32))
+    return ExpertChoiceRouting(
+        token_indices=token_indices_ExC.astype(jnp.int32),
+        combine_weights=gates_ExC,
+        aux_losses={"z_loss": z_loss(logits_TxE)},
+        metrics=metrics,
+    )
