@@ -1,0 +1,336 @@
+"""grain input pipeline over TFDS array_record data: tokenize, pack, shuffle, shard per process, batch.
+
+Every dataset becomes a random-access sequence of rows of ``seq_len + 1`` tokens:
+
+- text datasets (``stdlib_text``, any prepared TFDS dataset): the split's documents in stored order form
+  one stream ``doc_0 EOS doc_1 EOS ...``; row ``w`` is ``stream[w * seq_len : (w + 1) * seq_len + 1]``
+  (consecutive rows overlap by one token, so every token of the stream is a target exactly once per
+  epoch); the partial window at the end is dropped. Finding a window's documents needs every document's
+  length: one pass over the split when the iterator is created (0.1 s for ``stdlib_text``), remembered
+  per process.
+- ``instruct_synth``: row ``i`` is example ``i`` as ``[BOS] prompt answer [EOS]``, right-padded with PAD.
+
+Rows become ``{"inputs": row[:-1], "targets": row[1:], "weights": ...}`` (weights 1 on every target of
+a text row; on the answer and EOS targets only of an instruction row). The rows are shuffled with grain's
+index shuffle (a fresh permutation per epoch), repeated ``num_epochs`` times and cut into *global* batches
+of ``process_count * batch_size`` rows; process ``p`` reads rows ``[p * batch_size, (p + 1) * batch_size)``
+of each global batch. Hence the global batch at step ``s`` does not depend on the number of processes,
+the processes' rows are disjoint, and the iterator state (the step) can be restored on any number of
+processes with the same global batch size. The batches are a pure function of the arguments and the
+prepared data: reader threads and the process split do not change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from moejax.data import instruct_synth, stdlib_text
+from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
+
+DEFAULT_DATA_DIR = "~/.cache/moejax/tfds"
+_BUILTIN_BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
+    "instruct_synth": instruct_synth.InstructSynth,
+    "stdlib_text": stdlib_text.StdlibText,
+}
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_doc_lengths_memo: dict[tuple[str, str, str], np.ndarray] = {}
+
+
+def _base_name(name: str) -> str:
+    """``"c4/en:3.1.0"`` -> ``"c4"``."""
+    return name.split(":")[0].split("/")[0]
+
+
+def _resolve_data_dir(data_dir: str | None) -> str:
+    return os.path.expanduser(DEFAULT_DATA_DIR if data_dir is None else data_dir)
+
+
+def _builtin_names(*, with_default_config: bool = False) -> list[str]:
+    names = []
+    for base, builder_cls in sorted(_BUILTIN_BUILDERS.items()):
+        names.append(base)
+        names += [
+            f"{base}/{c.name}"
+            for c in builder_cls.BUILDER_CONFIGS
+            if with_default_config or c.name != "default"
+        ]
+    return names
+
+
+def _prepared_datasets(data_dir: str) -> dict[str, list[epath.Path]]:
+    """``name`` or ``name/config`` -> its prepared version directories, for datasets not built in here."""
+    found: dict[str, list[epath.Path]] = {}
+    root = epath.Path(data_dir)
+    if not root.exists():
+        return found
+    for info in sorted(root.glob("*/*/dataset_info.json")) + sorted(root.glob("*/*/*/dataset_info.json")):
+        version_dir = info.parent
+        if not _VERSION_RE.match(version_dir.name):
+            continue
+        name = version_dir.parent.relative_to(root).as_posix()
+        if _base_name(name) not in _BUILTIN_BUILDERS:
+            found.setdefault(name, []).append(version_dir)
+    return found
+
+
+def available_datasets(data_dir: str | None = None) -> list[str]:
+    """Names ``create_iterator`` accepts: the built-in builders, then the TFDS datasets in ``data_dir``."""
+    return _builtin_names() + sorted(_prepared_datasets(_resolve_data_dir(data_dir)))
+
+
+def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """A prepared TFDS builder for ``name``; built-in datasets are prepared on first use, under a lock."""
+    data_dir = _resolve_data_dir(data_dir)
+    name_and_config, _, version = name.partition(":")
+    if name_and_config in _builtin_names(with_default_config=True):
+        return _prepare_builtin(name, data_dir)
+    version_dirs = _prepared_datasets(data_dir).get(name_and_config, [])
+    if version:
+        version_dirs = [d for d in version_dirs if d.name == version]
+    if not version_dirs:
+        raise ValueError(
+            f"unknown dataset {name!r}; available: {', '.join(available_datasets(data_dir))}, or any TFDS "
+            f"dataset prepared (file_format='array_record') under data_dir={data_dir!r}"
+        )
+    builder = tfds.builder_from_directory(max(version_dirs, key=lambda d: tfds.core.Version(d.name)))
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(
+            f"dataset {name!r} under {data_dir!r} is stored as {builder.info.file_format.value}; grain "
+            "reads random-access array_record files: prepare it with file_format='array_record'"
+        )
+    return builder
+
+
+def _prepare_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    def make():
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+
+    builder = make()
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    # Processes on one host (tests, multi-process runs) may prepare concurrently; tfds would race on the
+    # final rename of its temporary directory.
+    lock_path = os.path.join(data_dir, f".{name.replace('/', '_').replace(':', '_')}.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = make()
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+            builder = make()
+    return builder
+
+
+def _as_bytes(value) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def _doc_lengths(source, memo_key: tuple[str, str, str], text_key: str) -> np.ndarray:
+    if memo_key not in _doc_lengths_memo:
+        lengths_D = np.empty(len(source), np.int64)
+        chunk = 1024
+        for start in range(0, len(source), chunk):
+            records = source.__getitems__(range(start, min(start + chunk, len(source))))
+            lengths_D[start : start + len(records)] = [len(_as_bytes(r[text_key])) for r in records]
+        _doc_lengths_memo[memo_key] = lengths_D
+    return _doc_lengths_memo[memo_key]
+
+
+class PackedText:
+    """Random-access windows of ``seq_len + 1`` tokens over the stream ``doc_0 EOS doc_1 EOS ...``."""
+
+    def __init__(self, source, doc_lengths_D: np.ndarray, text_key: str, seq_len: int):
+        self._source = source
+        self._text_key = text_key
+        self._seq_len = seq_len
+        self._doc_ends_D = np.cumsum(doc_lengths_D + 1)  # stream offset just past each doc's EOS
+        num_tokens = int(self._doc_ends_D[-1]) if len(self._doc_ends_D) else 0
+        self._num_windows = max(num_tokens - 1, 0) // seq_len
+
+    def __len__(self) -> int:
+        return self._num_windows
+
+    def __getitem__(self, window: int) -> np.ndarray:
+        start = window * self._seq_len
+        stop = start + self._seq_len + 1
+        first, last = np.searchsorted(self._doc_ends_D, [start, stop - 1], side="right")
+        records = self._source.__getitems__(range(int(first), int(last) + 1))
+        tokens = np.concatenate([encode(_as_bytes(r[self._text_key]), eos=True) for r in records])
+        offset = int(self._doc_ends_D[first - 1]) if first > 0 else 0
+        return tokens[start - offset : stop - offset]
+
+
+def _text_row(window_T: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "inputs": window_T[:-1],
+        "targets": window_T[1:],
+        "weights": np.ones(len(window_T) - 1, np.float32),
+    }
+
+
+def instruct_row(prompt: str | bytes, answer: str | bytes, seq_len: int) -> dict[str, np.ndarray]:
+    """One padded instruction example; ``weights`` is 1 exactly on the answer and EOS targets."""
+    prompt_ids = encode(prompt)
+    tokens = np.concatenate([[BOS_ID], prompt_ids, encode(answer), [EOS_ID]]).astype(np.int32)
+    if len(tokens) > seq_len + 1:
+        raise ValueError(f"example of {len(tokens)} tokens does not fit seq_len + 1 = {seq_len + 1}")
+    row_T = np.full(seq_len + 1, PAD_ID, np.int32)
+    row_T[: len(tokens)] = tokens
+    weights = np.zeros(seq_len, np.float32)
+    # target j is token j + 1; the answer starts at token 1 + len(prompt) and ends with EOS at len - 1.
+    weights[len(prompt_ids) : len(tokens) - 1] = 1.0
+    return {"inputs": row_T[:-1], "targets": row_T[1:], "weights": weights}
+
+
+def _instruct_record_row(record, *, seq_len: int) -> dict[str, np.ndarray]:
+    return instruct_row(record["prompt"], record["answer"], seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fingerprint:
+    """What a saved iterator state is only valid for (the process split is free to change)."""
+
+    name: str
+    split: str
+    seq_len: int
+    global_batch_size: int
+    seed: int
+    shuffle: bool
+    num_epochs: int | None
+    text_key: str
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+    """Iterator of per-process batches ``{"inputs", "targets": int32 [B, L], "weights": float32 [B, L]}``.
+
+    ``get_state()`` returns bytes (JSON) to store next to a checkpoint; ``set_state`` on an iterator
+    created with the same arguments (any process split with the same global batch) continues exactly
+    from there.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, fingerprint: _Fingerprint):
+        self._fingerprint = fingerprint
+        read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+        self._iterator = iter(dataset.to_iter_dataset(read_options))
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> bytes:
+        state = {"pipeline": dataclasses.asdict(self._fingerprint), "grain": self._iterator.get_state()}
+        return json.dumps(state, sort_keys=True).encode("utf-8")
+
+    def set_state(self, state: bytes) -> None:
+        try:
+            decoded = json.loads(state)
+            saved, grain_state = decoded["pipeline"], decoded["grain"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"state is not a DataIterator state: {e}") from e
+        expected = dataclasses.asdict(self._fingerprint)
+        mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: saved {s!r}, now {n!r}" for k, (s, n) in mismatched.items())
+            raise ValueError(f"state was saved by a different pipeline ({detail})")
+        self._iterator.set_state(grain_state)
+
+
+def _check_positive(value, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{argument} must be a positive integer, got {value!r}")
+
+
+def create_iterator(
+    name: str,
+    *,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    data_dir: str | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    text_key: str = "text",
+) -> DataIterator:
+    """Batches of ``name``'s ``split`` for this process; ``batch_size`` is the per-process batch.
+
+    ``num_epochs=None`` repeats forever; otherwise the last incomplete global batch is dropped. Process
+    ``process_index`` of ``process_count`` (default: this JAX process) gets its rows of every global batch.
+    ``text_key`` names the text feature of a TFDS dataset (unused by ``instruct_synth``).
+    """
+    _check_positive(seq_len, "seq_len")
+    _check_positive(batch_size, "batch_size")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if num_epochs is not None:
+        _check_positive(num_epochs, "num_epochs")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    _check_positive(process_count, "process_count")
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+
+    builder = load_builder(name, data_dir)
+    if split.split("[")[0] not in builder.info.splits:
+        raise ValueError(
+            f"unknown split {split!r} of {name!r}; expected one of {sorted(builder.info.splits)}"
+        )
+    source = builder.as_data_source(split=split)
+    make_row: Callable[..., dict[str, np.ndarray]]
+    if _base_name(name) == "instruct_synth":
+        if seq_len + 1 < instruct_synth.MAX_LEN:
+            raise ValueError(
+                f"seq_len must be at least {instruct_synth.MAX_LEN - 1} for instruct_synth "
+                f"(its longest example is {instruct_synth.MAX_LEN} tokens), got {seq_len}"
+            )
+        rows = grain.MapDataset.source(source)
+        make_row = functools.partial(_instruct_record_row, seq_len=seq_len)
+    else:
+        if text_key not in builder.info.features.keys():
+            features = sorted(builder.info.features.keys())
+            raise ValueError(f"text_key {text_key!r} is not a feature of {name!r}; features: {features}")
+        memo_key = (str(builder.data_path), split, text_key)
+        packed = PackedText(source, _doc_lengths(source, memo_key, text_key), text_key, seq_len)
+        if len(packed) == 0:
+            raise ValueError(
+                f"split {split!r} of {name!r} has fewer than seq_len + 1 = {seq_len + 1} tokens"
+            )
+        rows = grain.MapDataset.source(packed)
+        make_row = _text_row
+
+    if shuffle:
+        # Mixing the seed makes the permutations of nearby seeds unrelated (grain uses seed + epoch).
+        rows = rows.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    rows = rows.repeat(num_epochs)
+    global_batch_size = batch_size * process_count
+    if num_epochs is not None:
+        rows = rows[: len(rows) // global_batch_size * global_batch_size]
+    # Batch k of `chunks` is rows [k * batch_size, (k + 1) * batch_size): global batch k // process_count,
+    # rows of process k % process_count.
+    chunks = rows.map(make_row).batch(batch_size, drop_remainder=True)
+    fingerprint = _Fingerprint(name, split, seq_len, global_batch_size, seed, shuffle, num_epochs, text_key)
+    return DataIterator(chunks[process_index::process_count], fingerprint)
+
+
+def make_global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """Each process's rows as one global ``jax.Array`` per key (``process_count * B`` rows on axis 0)."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }

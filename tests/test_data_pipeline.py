@@ -1,0 +1,274 @@
+"""grain pipeline: packing, determinism, per-process shards, resumable state, loss masks, bad input."""
+
+import itertools
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax import data
+
+SMALL = "stdlib_text/small"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _iterator(data_dir, name=SMALL, **kwargs):
+    args = {"split": "train", "seq_len": 32, "batch_size": 4, "process_index": 0, "process_count": 1}
+    return data.create_iterator(name, data_dir=data_dir, **(args | kwargs))
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def _token_stream(data_dir, split):
+    """doc_0 EOS doc_1 EOS ... from the stored records: byte b -> b + 3, EOS = 2."""
+    source = data.load_builder(SMALL, data_dir).as_data_source(split=split)
+    parts = []
+    for i in range(len(source)):
+        parts += [np.frombuffer(source[i]["text"], np.uint8).astype(np.int32) + 3, [2]]
+    return np.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+def test_text_rows_are_full_with_targets_shifted_by_one(data_dir):
+    batch = next(_iterator(data_dir, seq_len=32, batch_size=4))
+    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (4, 32)
+    assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+    assert batch["weights"].dtype == np.float32
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert (batch["inputs"] != data.PAD_ID).all()
+    np.testing.assert_array_equal(batch["weights"], 1.0)
+
+
+def test_unshuffled_rows_tile_the_token_stream(data_dir):
+    seq_len = 256
+    stream = _token_stream(data_dir, "validation")
+    rows = _iterator(
+        data_dir, split="validation", seq_len=seq_len, batch_size=1, shuffle=False, num_epochs=1
+    )
+    windows = [np.concatenate([b["inputs"][0], b["targets"][0, -1:]]) for b in rows]
+    assert len(windows) == (len(stream) - 1) // seq_len
+    for w, window in enumerate(windows):
+        np.testing.assert_array_equal(window, stream[w * seq_len : w * seq_len + seq_len + 1])
+
+
+def test_an_epoch_visits_every_window_once(data_dir):
+    def rows(shuffle):
+        it = _iterator(
+            data_dir, split="validation", seq_len=2048, batch_size=1, shuffle=shuffle, num_epochs=1
+        )
+        return [b["inputs"][0].tobytes() for b in it]
+
+    ordered, shuffled = rows(False), rows(True)
+    assert shuffled != ordered
+    assert sorted(shuffled) == sorted(ordered)
+
+
+# ------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_the_same_batches(data_dir):
+    _assert_same_batches(_take(_iterator(data_dir, seed=7), 3), _take(_iterator(data_dir, seed=7), 3))
+
+
+def test_different_seeds_give_different_batches(data_dir):
+    a, b = next(_iterator(data_dir, seed=7)), next(_iterator(data_dir, seed=8))
+    assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_process_shards_are_disjoint_and_make_up_the_global_batch(data_dir):
+    whole = _take(_iterator(data_dir, batch_size=4), 3)
+    shards = [
+        _take(_iterator(data_dir, batch_size=2, process_index=p, process_count=2), 3) for p in (0, 1)
+    ]
+    for step in range(3):
+        rows_0, rows_1 = shards[0][step]["inputs"], shards[1][step]["inputs"]
+        assert not {r.tobytes() for r in rows_0} & {r.tobytes() for r in rows_1}
+        np.testing.assert_array_equal(np.concatenate([rows_0, rows_1]), whole[step]["inputs"])
+
+
+def test_finite_epochs_end_after_the_last_full_global_batch(data_dir):
+    num_rows = (len(_token_stream(data_dir, "validation")) - 1) // 512
+    shards = [
+        list(_iterator(data_dir, split="validation", seq_len=512, batch_size=3, num_epochs=2,
+                       process_index=p, process_count=2))
+        for p in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 2 * num_rows // 6
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+def test_restored_state_continues_with_the_same_batches(data_dir):
+    iterator = _iterator(data_dir, seed=3)
+    _take(iterator, 2)
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+    resumed = _iterator(data_dir, seed=3)
+    resumed.set_state(state)
+    _assert_same_batches(_take(resumed, 3), expected)
+
+
+def test_state_is_json_bytes(data_dir):
+    state = _iterator(data_dir).get_state()
+    assert isinstance(state, bytes)
+    assert json.loads(state)["pipeline"]["global_batch_size"] == 4
+
+
+def test_state_restores_onto_another_process_split_with_the_same_global_batch(data_dir):
+    single = _iterator(data_dir, batch_size=4)
+    _take(single, 2)
+    state = single.get_state()
+    expected_rows = next(single)["inputs"][2:]
+    second_process = _iterator(data_dir, batch_size=2, process_index=1, process_count=2)
+    second_process.set_state(state)
+    np.testing.assert_array_equal(next(second_process)["inputs"], expected_rows)
+
+
+def test_state_from_a_different_pipeline_is_rejected(data_dir):
+    state = _iterator(data_dir, seed=1).get_state()
+    with pytest.raises(ValueError, match="seed: saved 1, now 2"):
+        _iterator(data_dir, seed=2).set_state(state)
+    with pytest.raises(ValueError, match="not a DataIterator state"):
+        _iterator(data_dir).set_state(b"garbage")
+
+
+# ------------------------------------------------------------------------------------------- instruct
+
+
+def test_instruction_row_weights_cover_exactly_the_answer_and_eos():
+    row = data.instruct_row("Hi?", "ok", seq_len=10)
+    # tokens: BOS H i ? o k EOS PAD PAD PAD PAD; target j is token j + 1.
+    np.testing.assert_array_equal(row["inputs"], [1, 75, 108, 66, 114, 110, 2, 0, 0, 0])
+    np.testing.assert_array_equal(row["targets"], [75, 108, 66, 114, 110, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(row["weights"], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_instruct_batches_weight_only_answer_tokens(data_dir):
+    source = data.load_builder("instruct_synth", data_dir).as_data_source(split="eval_min")
+    batch = next(_iterator(data_dir, "instruct_synth", split="eval_min", seq_len=127, shuffle=False))
+    for i in range(4):
+        prompt, answer = source[i]["prompt"].decode(), source[i]["answer"].decode()
+        weighted = batch["targets"][i][batch["weights"][i] > 0]
+        assert data.decode(weighted) == answer
+        assert weighted[-1] == data.EOS_ID
+        assert len(weighted) == len(answer.encode()) + 1
+        assert data.decode(batch["inputs"][i]).startswith(prompt + answer)
+        assert batch["inputs"][i][0] == data.BOS_ID
+
+
+def test_instruct_train_batches_hold_no_held_out_prompts(data_dir):
+    synth = data.instruct_synth
+    held_out = [
+        re.compile("^" + re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) + "$")
+        for f in synth.HELD_OUT_FAMILIES
+        for t in synth.templates(f)
+    ]
+    for family in synth.HELD_OUT_FAMILIES:  # the matcher recognises held-out prompts
+        prompt = synth.make_examples(family, 1, seed=0)[0][0].split(synth.ANSWER_MARKER)[0]
+        assert any(p.match(prompt) for p in held_out)
+    for batch in itertools.islice(_iterator(data_dir, "instruct_synth", seq_len=127, batch_size=64), 10):
+        for row in batch["inputs"]:
+            instruction = data.decode(row).split(synth.ANSWER_MARKER)[0]
+            assert not any(p.match(instruction) for p in held_out), instruction
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+class TinyLines(tfds.core.GeneratorBasedBuilder):
+    """A dataset some other project prepared, with its text under "sentence"."""
+
+    VERSION = tfds.core.Version("2.0.0")
+    code_path = epath.Path(__file__)
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"sentence": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(50):
+            yield i, {"sentence": f"line number {i}"}
+
+
+def test_a_prepared_tfds_dataset_is_read_by_name_with_its_text_key(tmp_path):
+    TinyLines(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    assert "tiny_lines" in data.available_datasets(str(tmp_path))
+    rows = _iterator(
+        str(tmp_path), "tiny_lines", text_key="sentence", seq_len=16, shuffle=False, num_epochs=1
+    )
+    source = data.load_builder("tiny_lines", str(tmp_path)).as_data_source(split="train")
+    stream = np.concatenate([np.frombuffer(source[i]["sentence"] + b"\xff", np.uint8) + 3 for i in (0, 1)])
+    stream[stream == 255 + 3] = data.EOS_ID
+    np.testing.assert_array_equal(next(rows)["inputs"][0], stream[:16])
+    expected = r"text_key 'text' is not a feature of 'tiny_lines'; features: \['sentence'\]"
+    with pytest.raises(ValueError, match=expected):
+        _iterator(str(tmp_path), "tiny_lines")
+
+
+def test_make_global_batch_shards_rows_over_the_mesh(data_dir):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    local = next(_iterator(data_dir, batch_size=8))
+    global_batch = data.make_global_batch(local, sharding)
+    for key, value in local.items():
+        assert global_batch[key].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(global_batch[key]), value)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argument", ["seq_len", "batch_size"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_non_positive_sizes_raise_naming_the_argument(data_dir, argument, value):
+    with pytest.raises(ValueError, match=f"{argument} must be a positive integer, got {value}"):
+        _iterator(data_dir, **{argument: value})
+
+
+def test_unknown_split_raises_listing_the_splits(data_dir):
+    with pytest.raises(ValueError, match=r"unknown split 'test' of 'stdlib_text/small'; expected one of "
+                                         r"\['train', 'validation'\]"):
+        _iterator(data_dir, split="test")
+
+
+def test_unknown_dataset_raises_listing_the_available_ones(data_dir):
+    expected = "unknown dataset 'lm1b'; available: instruct_synth, stdlib_text, stdlib_text/small,"
+    with pytest.raises(ValueError, match=expected) as e:
+        _iterator(data_dir, "lm1b")
+    assert "any TFDS dataset prepared" in str(e.value)
+
+
+def test_instruct_synth_needs_room_for_its_longest_example(data_dir):
+    with pytest.raises(ValueError, match="seq_len must be at least 127 for instruct_synth"):
+        _iterator(data_dir, "instruct_synth", seq_len=64)
+
+
+def test_process_index_out_of_range_raises(data_dir):
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
+        _iterator(data_dir, process_index=2, process_count=2)
