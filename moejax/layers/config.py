@@ -75,6 +75,10 @@ class MoEConfig:
     gmm_backend: str = "auto"
     gmm_tiling: tuple[int, int, int] | None = None
     remat: bool = False
+    # Expert parallelism: all-to-all buffers hold this many times the average per-shard load; a step
+    # that would overflow them switches to worst-case buffers (nothing is dropped). None: always
+    # worst case.
+    ep_exchange_factor: float | None = 2.0
 
     def __post_init__(self):
         from moejax.ops.routing import ROUTERS  # the registry is the single list of names
@@ -146,6 +150,10 @@ class MoEConfig:
             )
         if self.router_jitter < 0 or self.router_jitter >= 1:
             raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter}")
+        if self.ep_exchange_factor is not None and not self.ep_exchange_factor > 0:
+            raise ValueError(
+                f"MoEConfig.ep_exchange_factor must be > 0 or None, got {self.ep_exchange_factor}"
+            )
         for loss, field in LOSS_WEIGHT_FIELDS.items():
             if getattr(self, field) < 0:
                 raise ValueError(f"MoEConfig.{field} (weight of {loss!r}) must be >= 0")

@@ -8,6 +8,11 @@ from flax import nnx
 
 from moejax.layers.config import MoEConfig
 from moejax.ops import gmm
+from moejax.parallel import (
+    ExpertParallelLayout,
+    capacity_expert_parallel,
+    dropless_expert_parallel,
+)
 
 ACTIVATION_FNS = {
     "relu": jax.nn.relu,
@@ -68,6 +73,35 @@ class Experts(nnx.Module):
         h = jnp.einsum("ecd,edf->ecf", x, w_in)
         up = jnp.einsum("ecd,edf->ecf", x, w_up) if w_up is not None else None
         return jnp.einsum("ecf,efd->ecd", self._hidden(h, up), w_out)
+
+    def _parallel_kw(self, layout: ExpertParallelLayout, x_TxD, assigned_TxK):
+        w_in, w_up, w_out = self._weights()
+        return dict(
+            x_TxD=x_TxD.astype(self.config.dtype), w_in_ExDxF=w_in, w_out_ExFxD=w_out,
+            w_up_ExDxF=w_up, activation=ACTIVATION_FNS[self.config.activation],
+            assigned_TxK=assigned_TxK, expert_axis=layout.expert_axis,
+            token_axes=layout.token_axes, hidden_axes=layout.hidden_axes, remat=self.config.remat,
+        )
+
+    def dropless_parallel(self, layout: ExpertParallelLayout, x_TxD, expert_indices_TxK,
+                          combine_weights_TxK, assigned_TxK) -> jax.Array:
+        """Dropless under a mesh: per device, experts split over the expert axis; f32 ``[T, D]``."""
+        return dropless_expert_parallel(
+            expert_indices_TxK=expert_indices_TxK, combine_weights_TxK=combine_weights_TxK,
+            gmm_backend=self.config.gmm_backend, gmm_tiling=self.config.gmm_tiling,
+            exchange_factor=self.config.ep_exchange_factor,
+            **self._parallel_kw(layout, x_TxD, assigned_TxK),
+        )
+
+    def capacity_parallel(self, layout: ExpertParallelLayout, x_TxD, expert_indices_TxK,
+                          combine_weights_TxK, assigned_TxK):
+        """GShard capacity dispatch under a mesh (per-device capacity); ``(y_TxD, dropped)``."""
+        return capacity_expert_parallel(
+            expert_indices_TxK=expert_indices_TxK, combine_weights_TxK=combine_weights_TxK,
+            capacity_factor=self.config.capacity_factor,
+            capacity_order=self.config.capacity_order,
+            **self._parallel_kw(layout, x_TxD, assigned_TxK),
+        )
 
     def dense(self, x_TxD: jax.Array, weights_TxE: jax.Array) -> jax.Array:
         """Dense: every expert on every token, outputs weighted by the ``[T, E]`` gates (f32)."""

@@ -5,6 +5,10 @@ losses already multiplied by their ``MoEConfig`` weights (``aux.total_loss`` is 
 the caller's loss); ``aux.metrics`` holds per-expert load, max/mean load, load CV, router entropy and
 the fraction of token copies dropped by capacity (0 for dense and dropless dispatch).
 
+Under ``moejax.parallel.use_mesh``, dropless and capacity dispatch run per device with the experts
+split over the ``expert`` mesh axis (``moejax.parallel.expert``); capacity then applies to each
+device's tokens (GShard's groups), so it drops exactly as on one device only when nothing drops.
+
 Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` toggle ``Router.deterministic``; routing
 noise and input jitter are drawn only in training, from the ``router`` rng stream.
 """
@@ -22,6 +26,7 @@ from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
 from moejax.layers.experts import Experts, SharedExperts, param
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
+from moejax.parallel import constrain, expert_parallel_layout
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
 
@@ -185,7 +190,7 @@ class MoE(nnx.Module):
             )
         batch_shape = x.shape[:-1]
         num_tokens = math.prod(batch_shape)
-        x_TxD = x.reshape(num_tokens, c.d_model)
+        x_TxD = constrain(x.reshape(num_tokens, c.d_model), ("batch", "embed"))
         token_ids_T = None
         if token_ids is not None:
             if token_ids.shape != batch_shape:
@@ -202,6 +207,7 @@ class MoE(nnx.Module):
         losses = {name: getattr(c, LOSS_WEIGHT_FIELDS[name]) * value
                   for name, value in routing.aux_losses.items()}
         metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
+        y_TxD = constrain(y_TxD, ("batch", "embed"))
         y = y_TxD.astype(c.dtype).reshape(*batch_shape, c.d_model)
         return y, MoEAux(losses, metrics)
 
@@ -225,6 +231,15 @@ class MoE(nnx.Module):
                                                              c.num_experts)
             run = _maybe_remat(experts.dense, c.remat)
             return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
+        # Under a mesh, each device dispatches its own tokens; the experts split over the expert axis.
+        layout = expert_parallel_layout()
+        if layout is not None and c.dispatch == "capacity":
+            return experts.capacity_parallel(layout, x_TxD, indices_TxK, weights_TxK,
+                                             assigned_TxK)
+        if layout is not None and c.dispatch == "dropless":
+            y_TxD = experts.dropless_parallel(layout, x_TxD, indices_TxK, weights_TxK,
+                                              assigned_TxK)
+            return y_TxD, jnp.zeros((), jnp.float32)
         if c.dispatch == "capacity":
             num_tokens, k = indices_TxK.shape
             capacity = dispatch_ops.expert_capacity(num_tokens, k, c.num_experts,

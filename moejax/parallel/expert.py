@@ -1,0 +1,373 @@
+"""Expert parallelism: the experts split over the ``expert`` mesh axis, token copies exchanged by all-to-all.
+
+Both functions are pure (arrays in, arrays out) and run under ``jax.shard_map`` over the whole mesh.
+Each device holds ``E / ep`` experts (``ep`` = size of the expert axis) and the tokens of its slice
+of the batch (split over ``token_axes``, which include the expert axis). Routing has already run
+(outside, under GSPMD, so its auxiliary losses are global). With an expert axis of size 1 the same
+functions are plain data parallelism: each device dispatches its own tokens to all experts, and
+only the weight gradients are reduced (``shard_map``'s transpose sums them over the token axes).
+
+**Dropless** (:func:`dropless_expert_parallel`), per device:
+
+1. ``permute`` sorts the local copies by expert; expert ``e`` lives on expert shard ``e // (E/ep)``,
+   so the copies for each shard are contiguous.
+2. Copies are packed into a fixed ``[ep, C, D]`` send buffer (row block ``s`` for shard ``s``) and
+   exchanged with one ``all_to_all``; the per-expert counts go along in a tiny second one.
+3. The receiver sorts what it got by expert (keeping global expert ids) and runs the FFN with
+   ``gmm(..., group_offset=shard * E/ep)`` on its ``[E/ep, D, F]`` weights. With a ``tensor`` axis
+   the hidden dimension F is split too and the output is summed over it (Megatron-style).
+4. The reverse ``all_to_all`` returns every output to the slot its copy left from; ``unpermute``
+   combines each token's k outputs with its gates (f32).
+
+*Buffer sizing — dropless stays dropless.* ``jax.lax.ragged_all_to_all`` would move only the real
+rows, but XLA:CPU does not implement it (jax 0.10.2: "HLO opcode ragged-all-to-all is not
+supported"), so the exchange uses fixed buffers. The worst case is every local copy going to one
+shard: ``C = T_local * k`` rows per destination, ``ep`` times the average. With
+``exchange_factor=f`` the exchange first uses ``C = ceil(f * T_local * k / ep)`` rows; if any
+device's copies for any shard do not fit (checked with one scalar all-reduce over the mesh),
+the whole step takes the worst-case branch instead (``lax.cond``). A copy is never dropped.
+
+**Capacity** (:func:`capacity_expert_parallel`, GShard): each device fills its own ``[E, C, D]``
+buffer with ``C = ceil(capacity_factor * T_local * k / E)`` (GShard's per-group capacity),
+exchanges it with ``all_to_all`` as ``[ep, E/ep, C, D]``, runs its experts on ``[E/ep, ep * C, D]``
+and sends the outputs back. With nothing dropped this equals the single-device layer; under
+pressure each device's tokens compete only for their own ``C`` slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from moejax.ops import dispatch as dispatch_ops
+from moejax.ops import gmm
+from moejax.parallel.mesh import as_axes, current_rules
+
+
+def _size(mesh, axes: Sequence[str]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _resolve_mesh(mesh):
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError("expert parallelism needs a mesh: pass mesh= or run under "
+                             "moejax.parallel.use_mesh(...)")
+    return mesh
+
+
+def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+                  hidden_axes):
+    if x_TxD.ndim != 2 or expert_indices_TxK.ndim != 2 or (
+            expert_indices_TxK.shape[0] != x_TxD.shape[0]):
+        raise ValueError(
+            f"expert parallelism: x must be [T, D] and expert_indices [T, k], got {x_TxD.shape} "
+            f"and {expert_indices_TxK.shape}"
+        )
+    for axis in (expert_axis, *token_axes, *hidden_axes):
+        if axis not in mesh.axis_names:
+            raise ValueError(
+                f"expert parallelism: mesh axis {axis!r} is not one of the mesh's axes "
+                f"{tuple(mesh.axis_names)}"
+            )
+    if expert_axis not in token_axes:
+        raise ValueError(
+            f"expert parallelism: token_axes {token_axes} must include the expert axis "
+            f"{expert_axis!r} (tokens are exchanged along it)"
+        )
+    if set(token_axes) & set(hidden_axes):
+        raise ValueError(
+            f"expert parallelism: token_axes {token_axes} and hidden_axes {hidden_axes} overlap"
+        )
+    ep = mesh.shape[expert_axis]
+    num_experts, _, d_ff = w_in_ExDxF.shape
+    if num_experts % ep:
+        raise ValueError(
+            f"expert parallelism: num_experts = {num_experts} is not divisible by the "
+            f"{expert_axis!r} mesh axis of size {ep}"
+        )
+    token_parts = _size(mesh, token_axes)
+    if x_TxD.shape[0] % token_parts:
+        raise ValueError(
+            f"expert parallelism: {x_TxD.shape[0]} tokens are not divisible by the token mesh axes "
+            f"{token_axes} of total size {token_parts} "
+            f"({', '.join(f'{a}={mesh.shape[a]}' for a in token_axes)}); make the batch size a "
+            f"multiple of {token_parts}"
+        )
+    hidden_parts = _size(mesh, hidden_axes)
+    if d_ff % hidden_parts:
+        raise ValueError(
+            f"expert parallelism: d_ff = {d_ff} is not divisible by the hidden mesh axes "
+            f"{hidden_axes} of total size {hidden_parts}"
+        )
+    return ep
+
+
+def _varying(x, axes):
+    """``x`` marked as varying over ``axes`` (its transpose sums the cotangent over them).
+
+    gmm's custom VJP returns cotangents as varying as the product of both operands, so both must
+    carry the same varying axes inside ``shard_map``.
+    """
+    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _ffn(x_RxD, group_sizes_E, group_offset, w_in, w_up, w_out, *, activation, hidden_axes, kw):
+    axes = tuple(sorted(jax.typeof(x_RxD).manual_axis_type.varying
+                        | jax.typeof(w_in).manual_axis_type.varying))
+    x_RxD, w_in, w_out = (_varying(a, axes) for a in (x_RxD, w_in, w_out))
+    h = activation(gmm(x_RxD, w_in, group_sizes_E, group_offset=group_offset, **kw))
+    if w_up is not None:
+        h = h * gmm(x_RxD, _varying(w_up, axes), group_sizes_E, group_offset=group_offset, **kw)
+    y = gmm(h, w_out, group_sizes_E, group_offset=group_offset, **kw)
+    return jax.lax.psum(y, hidden_axes) if hidden_axes else y
+
+
+def _exchange(sorted_x_TKxD, group_sizes_E, capacity, ep, expert_axis, run_experts):
+    """Sends the expert-sorted copies to their shards, runs the experts there, brings outputs back."""
+    num_copies, d = sorted_x_TKxD.shape
+    experts_local = group_sizes_E.shape[0] // ep
+    counts_SxL = group_sizes_E.reshape(ep, experts_local)
+    send_S = jnp.sum(counts_SxL, axis=1)
+    start_S = jnp.cumsum(send_S) - send_S
+    slots_C = jnp.arange(capacity, dtype=jnp.int32)
+    rows_SxC = start_S[:, None] + slots_C[None, :]
+    valid_SxC = slots_C[None, :] < send_S[:, None]
+    send_SxCxD = jnp.where(valid_SxC[..., None],
+                           sorted_x_TKxD[jnp.minimum(rows_SxC, num_copies - 1)],
+                           jnp.zeros((), sorted_x_TKxD.dtype))
+    recv_SxCxD = jax.lax.all_to_all(send_SxCxD, expert_axis, 0, 0, tiled=True)
+    recv_counts_SxL = jax.lax.all_to_all(counts_SxL, expert_axis, 0, 0, tiled=True)
+
+    # The rows from each source are sorted by expert: slot j of source s is local expert
+    # searchsorted(cumsum(counts[s]), j).
+    recv_ends_SxL = jnp.cumsum(recv_counts_SxL, axis=1)
+    local_expert_SxC = jax.vmap(lambda ends, j: jnp.searchsorted(ends, j, side="right"),
+                                in_axes=(0, None))(recv_ends_SxL, slots_C).astype(jnp.int32)
+    recv_valid_SxC = slots_C[None, :] < recv_ends_SxL[:, -1:]
+    y_SxCxD = run_experts(recv_SxCxD.reshape(ep * capacity, d),
+                          local_expert_SxC.reshape(ep * capacity, 1),
+                          recv_valid_SxC.reshape(ep * capacity, 1)).reshape(ep, capacity, d)
+    back_SxCxD = jax.lax.all_to_all(y_SxCxD, expert_axis, 0, 0, tiled=True)
+
+    # Sorted copy p went to shard s_p = expert_p // experts_local, slot p - start[s_p].
+    rows_P = jnp.arange(num_copies, dtype=jnp.int32)
+    expert_P = jnp.searchsorted(jnp.cumsum(group_sizes_E), rows_P, side="right").astype(jnp.int32)
+    assigned_P = expert_P < group_sizes_E.shape[0]
+    shard_P = jnp.minimum(expert_P // experts_local, ep - 1)
+    slot_P = jnp.clip(rows_P - start_S[shard_P], 0, capacity - 1)
+    return jnp.where(assigned_P[:, None], back_SxCxD[shard_P, slot_P],
+                     jnp.zeros((), back_SxCxD.dtype))
+
+
+def dropless_expert_parallel(
+    x_TxD: jax.Array,
+    expert_indices_TxK: jax.Array,
+    combine_weights_TxK: jax.Array,
+    w_in_ExDxF: jax.Array,
+    w_out_ExFxD: jax.Array,
+    *,
+    w_up_ExDxF: jax.Array | None = None,
+    activation: Callable[[jax.Array], jax.Array],
+    assigned_TxK: jax.Array | None = None,
+    mesh=None,
+    expert_axis: str = "expert",
+    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    hidden_axes: Sequence[str] = ("tensor",),
+    exchange_factor: float | None = 2.0,
+    gmm_backend: str = "auto",
+    gmm_tiling: tuple[int, int, int] | None = None,
+    remat: bool = False,
+) -> jax.Array:
+    """Dropless MoE FFN with the experts split over ``expert_axis``; returns ``y_TxD`` in f32.
+
+    Same result as ``unpermute(FFN(permute(x)))`` on one device. Global shapes in, global shapes out:
+    ``x_TxD`` [T, D] and the routing ``[T, k]`` arrays are split over ``token_axes`` (T must be
+    divisible by their product), the weights ``[E, D, F]`` / ``[E, F, D]`` over ``expert_axis``
+    (E divisible by its size) and, for F, over ``hidden_axes``. ``exchange_factor``: rows per
+    destination in the fast exchange as a multiple of the average (``None``: always the worst-case
+    buffers); see the module docstring. Weights and x should already be in the compute dtype.
+    """
+    mesh = _resolve_mesh(mesh)
+    token_axes = as_axes(token_axes)
+    hidden_axes = tuple(a for a in as_axes(hidden_axes) if mesh.shape[a] > 1)
+    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+                       hidden_axes)
+    if exchange_factor is not None and not exchange_factor > 0:
+        raise ValueError(f"exchange_factor must be > 0 or None, got {exchange_factor}")
+    num_experts = w_in_ExDxF.shape[0]
+    experts_local = num_experts // ep
+    k = expert_indices_TxK.shape[1]
+    tokens_local = x_TxD.shape[0] // _size(mesh, token_axes)
+    worst = tokens_local * k
+    fast = worst if exchange_factor is None else min(
+        worst, math.ceil(exchange_factor * worst / ep))
+    if assigned_TxK is None:
+        assigned_TxK = jnp.ones(expert_indices_TxK.shape, bool)
+    gmm_kw = dict(backend=gmm_backend, tiling=gmm_tiling)
+    all_axes = tuple(mesh.axis_names)
+
+    def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
+        offset = (jax.lax.axis_index(expert_axis) * experts_local).astype(jnp.int32)
+
+        def run_experts(x_RxD, local_expert_Rx1, valid_Rx1):
+            sorted_x, copies = dispatch_ops.permute(x_RxD, local_expert_Rx1 + offset,
+                                                    num_experts, valid_Rx1)
+            sorted_y = ffn(sorted_x, copies.group_sizes_E, offset, w_in, w_up, w_out)
+            ones_Rx1 = jnp.ones(valid_Rx1.shape, jnp.float32)
+            return dispatch_ops.unpermute(sorted_y, copies, ones_Rx1, sorted_y.dtype)
+
+        sorted_x, copies = dispatch_ops.permute(x_TxD, indices_TxK, num_experts, assigned_TxK)
+        ffn = functools.partial(_ffn, activation=activation, hidden_axes=hidden_axes, kw=gmm_kw)
+        ffn = jax.checkpoint(ffn) if remat else ffn
+        if ep == 1:  # every expert is local: no exchange, no second sort
+            sorted_y = ffn(sorted_x, copies.group_sizes_E, offset, w_in, w_up, w_out)
+            return dispatch_ops.unpermute(sorted_y, copies, weights_TxK, jnp.float32)
+
+        def exchange(capacity):
+            return lambda: _exchange(sorted_x, copies.group_sizes_E, capacity, ep, expert_axis,
+                                     run_experts)
+
+        if fast == worst:
+            sorted_y = exchange(worst)()
+        else:
+            per_shard_S = jnp.sum(copies.group_sizes_E.reshape(ep, experts_local), axis=1)
+            overflow = jax.lax.pmax(jnp.max(per_shard_S) > fast, all_axes)
+            sorted_y = jax.lax.cond(overflow, exchange(worst), exchange(fast))
+        return dispatch_ops.unpermute(sorted_y, copies, weights_TxK, jnp.float32)
+
+    tokens = PartitionSpec(token_axes)
+    hidden = hidden_axes or None
+    w_in_spec = PartitionSpec(expert_axis, None, hidden)
+    w_out_spec = PartitionSpec(expert_axis, hidden, None)
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(tokens, tokens, tokens, tokens, w_in_spec,
+                  None if w_up_ExDxF is None else w_in_spec, w_out_spec),
+        out_specs=tokens,
+    )
+    return fn(x_TxD, expert_indices_TxK, combine_weights_TxK, assigned_TxK, w_in_ExDxF,
+              w_up_ExDxF, w_out_ExFxD)
+
+
+def capacity_expert_parallel(
+    x_TxD: jax.Array,
+    expert_indices_TxK: jax.Array,
+    combine_weights_TxK: jax.Array,
+    w_in_ExDxF: jax.Array,
+    w_out_ExFxD: jax.Array,
+    *,
+    capacity_factor: float,
+    capacity_order: str = "first_come",
+    w_up_ExDxF: jax.Array | None = None,
+    activation: Callable[[jax.Array], jax.Array],
+    assigned_TxK: jax.Array | None = None,
+    mesh=None,
+    expert_axis: str = "expert",
+    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    hidden_axes: Sequence[str] = ("tensor",),
+    remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """GShard expert parallelism for capacity dispatch; returns ``(y_TxD in f32, dropped_fraction)``.
+
+    Layout and arguments as in :func:`dropless_expert_parallel`. Each device's tokens fill their own
+    ``[E, C, D]`` buffer (``C`` from ``capacity_factor`` and the *local* token count); the dropped
+    fraction is over all tokens of the mesh.
+    """
+    mesh = _resolve_mesh(mesh)
+    token_axes = as_axes(token_axes)
+    hidden_axes = tuple(a for a in as_axes(hidden_axes) if mesh.shape[a] > 1)
+    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+                       hidden_axes)
+    num_experts = w_in_ExDxF.shape[0]
+    experts_local = num_experts // ep
+    k = expert_indices_TxK.shape[1]
+    tokens_local = x_TxD.shape[0] // _size(mesh, token_axes)
+    capacity = dispatch_ops.expert_capacity(tokens_local, k, num_experts, capacity_factor)
+    if assigned_TxK is None:
+        assigned_TxK = jnp.ones(expert_indices_TxK.shape, bool)
+
+    def ffn(x_LxRxD, w_in, w_up, w_out):
+        h = activation(jnp.einsum("lrd,ldf->lrf", x_LxRxD, w_in))
+        if w_up is not None:
+            h = h * jnp.einsum("lrd,ldf->lrf", x_LxRxD, w_up)
+        y = jnp.einsum("lrf,lfd->lrd", h, w_out)
+        return jax.lax.psum(y, hidden_axes) if hidden_axes else y
+
+    def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
+        plan = dispatch_ops.capacity_dispatch(indices_TxK, weights_TxK, num_experts, capacity,
+                                              capacity_order, assigned_TxK)
+        d = x_TxD.shape[1]
+        send = dispatch_ops.capacity_gather(x_TxD, plan, k).reshape(ep, experts_local, capacity, d)
+        recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
+        x_LxRxD = jnp.swapaxes(recv, 0, 1).reshape(experts_local, ep * capacity, d)
+        y_LxRxD = (jax.checkpoint(ffn) if remat else ffn)(x_LxRxD, w_in, w_up, w_out)
+        y_back = jnp.swapaxes(y_LxRxD.reshape(experts_local, ep, capacity, d), 0, 1)
+        y_ExCxD = jax.lax.all_to_all(y_back, expert_axis, 0, 0, tiled=True).reshape(
+            num_experts, capacity, d)
+        y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, indices_TxK, weights_TxK,
+                                              jnp.float32)
+        dropped = jax.lax.psum(jnp.sum(assigned_TxK & ~plan.kept_TxK), token_axes)
+        assigned = jax.lax.psum(jnp.sum(assigned_TxK), token_axes)
+        return y_TxD, (dropped / jnp.maximum(assigned, 1)).astype(jnp.float32)
+
+    tokens = PartitionSpec(token_axes)
+    hidden = hidden_axes or None
+    w_in_spec = PartitionSpec(expert_axis, None, hidden)
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(tokens, tokens, tokens, tokens, w_in_spec,
+                  None if w_up_ExDxF is None else w_in_spec,
+                  PartitionSpec(expert_axis, hidden, None)),
+        out_specs=(tokens, PartitionSpec()),
+    )
+    return fn(x_TxD, expert_indices_TxK, combine_weights_TxK, assigned_TxK, w_in_ExDxF,
+              w_up_ExDxF, w_out_ExFxD)
+
+
+class ExpertParallelLayout(NamedTuple):
+    """Mesh axes of an expert-parallel layer: experts over ``expert_axis``, tokens over
+    ``token_axes``, the hidden dimension F over ``hidden_axes``."""
+
+    expert_axis: str
+    token_axes: tuple[str, ...]
+    hidden_axes: tuple[str, ...]
+
+
+def expert_parallel_layout(mesh=None, rules=None) -> ExpertParallelLayout | None:
+    """The layout the current mesh and rules give the MoE layer, or None without a mesh.
+
+    The ``expert`` rule names the expert axis (one mesh axis); tokens go over the ``batch`` rule's
+    axes plus the expert axis; F over the ``mlp`` rule's axes. The expert axis may have size 1:
+    each device then dispatches its own tokens to all E experts (no exchange), which is how data,
+    FSDP and tensor parallelism run the dispatch too. Left to GSPMD, the dropless sort would run
+    over the global batch (an all-gather of every token copy and the experts' work replicated
+    on every device). None also when the ``expert`` rule maps to no axis of the mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return None
+    table = dict(current_rules() if rules is None else rules)
+    expert_axes = as_axes(table.get("expert"))
+    if len(expert_axes) > 1:
+        raise ValueError(
+            f"expert parallelism runs over one mesh axis; the 'expert' rule maps to {expert_axes}"
+        )
+    if not expert_axes or expert_axes[0] not in mesh.axis_names:
+        return None
+    expert_axis = expert_axes[0]
+    hidden = tuple(a for a in as_axes(table.get("mlp"))
+                   if a != expert_axis and a in mesh.axis_names)
+    tokens = tuple(a for a in as_axes(table.get("batch"))
+                   if a not in hidden and a in mesh.axis_names)
+    if expert_axis not in tokens:
+        tokens = tokens + (expert_axis,)
+    return ExpertParallelLayout(expert_axis, tokens, hidden)

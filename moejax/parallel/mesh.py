@@ -1,0 +1,292 @@
+"""Device meshes, logical axis rules, and parameters and batches born on their shards.
+
+The mesh has four axes, always in this order and always present (size 1 when unused):
+
+* ``data``   — pure data parallelism: parameters replicated, the batch split.
+* ``fsdp``   — data parallelism with parameters (their ``embed`` dimension) split too (ZeRO-3 style).
+* ``expert`` — expert parallelism: expert weights split by expert; outside the experts it splits the
+  batch like ``data``, so no device idles in the attention or dense layers.
+* ``tensor`` — tensor parallelism: the ``mlp``, ``heads`` and ``vocab`` dimensions split.
+
+Every mesh axis is ``AxisType.Auto``: shardings propagate through the compiler (GSPMD) from the
+parameters, the batch and the few constraints the layers place, so model code needs no
+``out_sharding=`` arguments. Code that must control the layout exactly (the expert-parallel
+exchange) enters ``jax.shard_map``.
+
+Model code names the dimensions of its parameters and activations with *logical* axes (``batch``,
+``length``, ``embed``, ``mlp``, ``heads``, ``expert``, ``vocab``); a rule table maps each logical
+name to mesh axes. :data:`DEFAULT_RULES` is the table used when none is given; a config may pass
+its own (same format as ``flax.nnx.logical_axis_rules``: ``(logical, mesh axis | tuple | None)``
+pairs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("expert", "expert"),
+    ("vocab", "tensor"),
+)
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def make_mesh(*, data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None, **unknown_axes: int) -> Mesh:
+    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all devices of all processes).
+
+    One axis may be ``-1``: it takes the devices the others leave. The product of the sizes must equal
+    the number of devices.
+    """
+    if unknown_axes:
+        raise ValueError(
+            f"make_mesh: unknown mesh axes {sorted(unknown_axes)}; the axes are {MESH_AXES}"
+        )
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+            raise ValueError(f"make_mesh: axis {name!r} must be a positive int or -1, got {size!r}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"make_mesh: only one axis may be -1, got {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"make_mesh: axis {free[0]!r} = -1 takes the rest, but {len(devices)} devices are not "
+                f"divisible by the other axes' product {fixed} ({_describe(sizes)})"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(
+            f"make_mesh: {_describe(sizes)} needs {total} devices, but {len(devices)} are available"
+        )
+    shape = tuple(int(sizes[name]) for name in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _describe(sizes: dict[str, int]) -> str:
+    return " x ".join(f"{name}={size}" for name, size in sizes.items())
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _check_rules(rules: Rules, mesh_axes: Sequence[str] | None = None) -> Rules:
+    rules = tuple((str(name), axes) for name, axes in rules)
+    for name, axes in rules:
+        for axis in as_axes(axes):
+            if mesh_axes is not None and axis not in mesh_axes:
+                raise ValueError(
+                    f"logical axis rule {name!r} -> {axes!r} names mesh axis {axis!r}, which is not "
+                    f"one of the mesh's axes {tuple(mesh_axes)}"
+                )
+    return rules
+
+
+def as_axes(axes) -> tuple[str, ...]:
+    """A rule's right-hand side (None, one mesh axis or several) as a tuple of mesh axes."""
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
+
+
+def current_rules() -> Rules:
+    """The rules set by the innermost :func:`use_mesh` (``DEFAULT_RULES`` outside any)."""
+    return tuple(flax_spmd.get_logical_axis_rules()) or DEFAULT_RULES
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:
+    """The ``PartitionSpec`` for an array whose dimensions have logical ``names`` (None: replicated).
+
+    A mesh axis already used by an earlier dimension is not used again (``[batch, length, embed]``
+    splits ``batch`` over ``fsdp`` and leaves ``embed`` whole).
+    """
+    table = dict(_check_rules(current_rules() if rules is None else rules))
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(
+                f"logical axis {name!r} has no rule; known logical axes: {sorted(table)}"
+            )
+        axes = tuple(a for a in as_axes(table[name]) if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _axes_size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in as_axes(axes))
+
+
+def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str) -> None:
+    """A ValueError naming ``what``, the dimension and the mesh axes if ``spec`` does not tile ``shape``."""
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+        parts = _axes_size(mesh, axes)
+        if size % parts:
+            sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in as_axes(axes))
+            raise ValueError(
+                f"{what}: dimension {dim} of size {size} is split over mesh axes {as_axes(axes)} "
+                f"of total size {parts} ({sizes}), which does not divide it"
+            )
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
+    """Makes ``mesh`` the current mesh (``jax.set_mesh``) and ``rules`` the logical axis rules.
+
+    Inside, ``moejax.MoE`` runs its dropless and capacity dispatch per device under ``shard_map``
+    (experts split when the ``expert`` axis has size > 1), and :func:`constrain` places its
+    constraints.
+    """
+    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
+        yield mesh
+
+
+def active_mesh():
+    """The mesh set by :func:`use_mesh` / ``jax.set_mesh`` (an abstract mesh inside jit), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names under the current mesh; ``x`` as is without one.
+
+    Mesh axes the current mesh lacks are skipped, and a dimension they do not divide is left to the
+    compiler (``PartitionSpec.UNCONSTRAINED``): the constraint is a hint, never an error.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    dims = []
+    for size, axes in zip(x.shape, logical_to_spec(names)):
+        axes = tuple(a for a in as_axes(axes) if a in mesh.axis_names)
+        dims.append(axes or None if size % _axes_size(mesh, axes) == 0
+                    else PartitionSpec.UNCONSTRAINED)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _variable_spec(variable: nnx.Variable, rules: Rules) -> PartitionSpec:
+    names = variable.get_metadata().get("out_sharding")
+    if not names:
+        return PartitionSpec()
+    return logical_to_spec(names, rules)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """``NamedSharding`` for every leaf of an ``nnx.State``, from the variables' ``out_sharding`` names.
+
+    Raises a ValueError naming the parameter when the mesh axes do not divide one of its dimensions.
+    """
+    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+
+    def one(path, variable):
+        spec = _variable_spec(variable, rules)
+        name = ".".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        value = variable.get_value()
+        check_divisible(value.shape, spec, mesh, f"parameter {name} {tuple(value.shape)}")
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map_with_path(one, abstract_state,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh,
+                   rules: Rules | None = None) -> nnx.Module:
+    """Builds ``factory()`` with every parameter created directly on its shards.
+
+    ``factory`` is e.g. ``lambda: moejax.MoE(config, rngs=nnx.Rngs(0))``. Shapes come from
+    ``nnx.eval_shape``; the initialisation runs in one ``jax.jit`` whose ``out_shardings`` are read
+    from each parameter's logical axes and ``rules``, so no device ever holds a full copy of a split
+    parameter. The values are those of ``factory()`` run eagerly on one device (up to float
+    rounding: the jitted initialiser fuses its ops).
+    """
+    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    with use_mesh(mesh, rules):
+        abstract = nnx.eval_shape(factory)
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = state_shardings(abstract_state, mesh, rules)
+
+        def init():
+            return nnx.split(factory())[1]
+
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_spec(rules: Rules | None = None) -> PartitionSpec:
+    """``PartitionSpec`` of a batch: the leading dimension split like logical ``batch``."""
+    return logical_to_spec(("batch",), rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+    """Sharding of a batch array: leading dimension over the ``batch`` rule's axes, the rest whole."""
+    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    return NamedSharding(mesh, batch_spec(rules))
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """Places a pytree of host arrays on ``mesh``, the leading (batch) dimension split.
+
+    In one process ``batch`` is the whole batch. With several, each process passes the rows its own
+    devices hold (``batch_sharding(mesh).addressable_devices_indices_map(global_shape)`` says which;
+    with the default device order, process ``i`` holds the ``i``-th block), and the global batch
+    has ``process_count()`` times as many rows. Raises a ValueError when the global batch size is
+    not divisible by the batch axes.
+    """
+    sharding = batch_sharding(mesh, rules)
+    axes = as_axes(sharding.spec[0])
+    parts = _axes_size(mesh, axes)
+    processes = jax.process_count()
+
+    def one(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(f"shard_batch: leaf {jax.tree_util.keystr(path)} is a scalar; "
+                             "batch arrays need a leading batch dimension")
+        global_rows = x.shape[0] * processes
+        if global_rows % parts:
+            raise ValueError(
+                f"shard_batch: batch size {global_rows} of leaf {jax.tree_util.keystr(path)} is not "
+                f"divisible by the batch mesh axes {axes} of total size {parts} "
+                f"({', '.join(f'{a}={mesh.shape[a]}' for a in axes)})"
+            )
+        return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+
+    return jax.tree.map_with_path(one, batch)
