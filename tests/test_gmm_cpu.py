@@ -1,0 +1,258 @@
+"""The XLA-only CPU backend of gmm/tgmm (``backend="cpu"``) against ragged_dot and NumPy."""
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moejax.kernels import cpu
+from moejax.ops import gmm, tgmm
+
+# (m, k, n, groups, tiling): m, k, n are not multiples of the chunk sizes; tm=16 forces many chunks;
+# m=5 is below the smallest chunk size.
+SHAPES = [
+    (37, 5, 11, 4, (16, 128, 128)),
+    (70, 16, 8, 3, None),
+    (130, 24, 40, 6, (16, 128, 128)),
+    (5, 3, 4, 2, None),
+]
+
+_gmm = jax.jit(
+    functools.partial(gmm, backend="cpu"),
+    static_argnames=("transpose_rhs", "preferred_element_type", "tiling"),
+)
+_tgmm = jax.jit(
+    functools.partial(tgmm, backend="cpu"),
+    static_argnames=("num_groups", "preferred_element_type", "tiling"),
+)
+
+
+def _numpy_gmm(lhs, rhs, sizes, offset=0):
+    """Row group i of lhs times rhs[i - offset]; rows of other groups and past the sum are 0."""
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float64)
+    start = 0
+    for i, size in enumerate(sizes):
+        if 0 <= i - offset < rhs.shape[0]:
+            out[start:start + size] = lhs[start:start + size] @ rhs[i - offset]
+        start += size
+    return out
+
+
+def _numpy_tgmm(lhs, rhs, sizes, offset, num_groups):
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    out = np.zeros((num_groups, lhs.shape[1], rhs.shape[1]), np.float64)
+    start = 0
+    for i, size in enumerate(sizes):
+        if offset <= i < offset + num_groups:
+            out[i - offset] = lhs[start:start + size].T @ rhs[start:start + size]
+        start += size
+    return out
+
+
+@st.composite
+def group_sizes(draw, m, g):
+    """Adversarial group sizes: all zero, one group holding every row, empty ends, sum < m, random."""
+    kind = draw(st.sampled_from(["random", "zeros", "one_holds_all", "empty_ends", "short"]))
+    if kind == "zeros":
+        sizes = [0] * g
+    elif kind == "one_holds_all":
+        sizes = [0] * g
+        sizes[draw(st.integers(0, g - 1))] = m
+    elif kind == "empty_ends" and g >= 3:
+        cuts = sorted(draw(st.lists(st.integers(0, m), min_size=g - 3, max_size=g - 3)))
+        sizes = [0] + list(np.diff([0, *cuts, m])) + [0]
+    elif kind == "empty_ends":
+        sizes = [0] * (g - 1) + [m]
+    else:
+        cuts = sorted(draw(st.lists(st.integers(0, m), min_size=g, max_size=g)))
+        sizes = list(np.diff([0, *cuts]))  # sum = largest cut <= m
+        if kind == "short":
+            sizes = [s // 2 for s in sizes]
+    return np.asarray(sizes, np.int32)
+
+
+@st.composite
+def problems(draw):
+    m, k, n, g, tiling = draw(st.sampled_from(SHAPES))
+    sizes = draw(group_sizes(m, g))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    lhs = rng.standard_normal((m, k)).astype(np.float32)
+    rhs = rng.standard_normal((g, k, n)).astype(np.float32)
+    return lhs, rhs, sizes, tiling, rng
+
+
+def _ragged_dot(lhs, rhs, sizes):
+    return jax.lax.ragged_dot(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes),
+                              precision=jax.lax.Precision.HIGHEST)
+
+
+@given(problems())
+def test_gmm_matches_ragged_dot(problem):
+    lhs, rhs, sizes, tiling, _ = problem
+    out = _gmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), tiling=tiling)
+    np.testing.assert_allclose(out, _ragged_dot(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+
+
+@given(problems())
+def test_gmm_rows_past_the_sum_of_group_sizes_are_exactly_zero(problem):
+    lhs, rhs, sizes, tiling, _ = problem
+    out = np.asarray(_gmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), tiling=tiling))
+    assert np.all(out[int(sizes.sum()):] == 0)
+
+
+@given(problems())
+def test_gmm_with_transposed_rhs_matches_ragged_dot(problem):
+    lhs, rhs, sizes, tiling, _ = problem
+    rhs_t = jnp.swapaxes(jnp.asarray(rhs), 1, 2)
+    out = _gmm(jnp.asarray(lhs), rhs_t, jnp.asarray(sizes), transpose_rhs=True, tiling=tiling)
+    np.testing.assert_allclose(out, _ragged_dot(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+
+
+@given(problems())
+def test_gmm_bf16_matches_ragged_dot_to_bf16_precision(problem):
+    lhs, rhs, sizes, tiling, _ = problem
+    lhs16, rhs16 = jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16)
+    out = _gmm(lhs16, rhs16, jnp.asarray(sizes), tiling=tiling)
+    assert out.dtype == jnp.bfloat16
+    want = _ragged_dot(lhs16.astype(jnp.float32), rhs16.astype(jnp.float32), sizes)
+    np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
+
+
+@given(problems(), st.data())
+def test_gmm_with_group_offset_computes_only_the_local_groups(problem, data):
+    lhs, rhs, sizes, tiling, _ = problem
+    num_local = 2
+    offset = data.draw(st.integers(0, len(sizes) - num_local))
+    local_rhs = rhs[offset:offset + num_local]
+    out = _gmm(jnp.asarray(lhs), jnp.asarray(local_rhs), jnp.asarray(sizes),
+               group_offset=jnp.int32(offset), tiling=tiling)
+    np.testing.assert_allclose(out, _numpy_gmm(lhs, local_rhs, sizes, offset), rtol=1e-5, atol=1e-5)
+
+
+@given(problems())
+def test_tgmm_matches_per_group_numpy_and_empty_groups_are_zero(problem):
+    lhs, _, sizes, tiling, rng = problem
+    rhs = rng.standard_normal((lhs.shape[0], 9)).astype(np.float32)
+    out = _tgmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), tiling=tiling)
+    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, 0, len(sizes)),
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out)[sizes == 0] == 0)
+
+
+@given(problems(), st.data())
+def test_tgmm_with_group_offset_returns_only_the_local_groups(problem, data):
+    lhs, _, sizes, tiling, rng = problem
+    rhs = rng.standard_normal((lhs.shape[0], 9)).astype(np.float32)
+    num_local = 2
+    offset = data.draw(st.integers(0, len(sizes) - num_local))
+    out = _tgmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes),
+                group_offset=jnp.int32(offset), num_groups=num_local, tiling=tiling)
+    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, offset, num_local),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_tgmm_bf16_accumulates_in_f32():
+    rng = np.random.default_rng(0)
+    lhs = rng.standard_normal((300, 8)).astype(np.float32)
+    rhs = rng.standard_normal((300, 6)).astype(np.float32)
+    sizes = np.array([290, 0, 10], np.int32)
+    lhs16, rhs16 = jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16)
+    out = _tgmm(lhs16, rhs16, jnp.asarray(sizes), preferred_element_type=jnp.float32,
+                tiling=(16, 128, 128))
+    want = _numpy_tgmm(lhs16.astype(jnp.float32), rhs16.astype(jnp.float32), sizes, 0, 3)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gradients_match_ragged_dot_autodiff(transpose_rhs):
+    rng = np.random.default_rng(3)
+    m, k, n = 37, 5, 11
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((4, k, n)), jnp.float32)
+    sizes = jnp.asarray([10, 0, 20, 3], jnp.int32)
+    cot = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+
+    def ours(a, b):
+        out = gmm(a, b, sizes, transpose_rhs=transpose_rhs, tiling=(8, 128, 128), backend="cpu")
+        return jnp.sum(out * cot)
+
+    def oracle(a, b):
+        b = jnp.swapaxes(b, 1, 2) if transpose_rhs else b
+        return jnp.sum(jax.lax.ragged_dot(a, b, sizes, precision=jax.lax.Precision.HIGHEST) * cot)
+
+    for got, want in zip(jax.grad(ours, (0, 1))(lhs, w), jax.grad(oracle, (0, 1))(lhs, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_compilation_serves_every_group_sizes_and_offset():
+    rng = np.random.default_rng(4)
+    lhs = jnp.asarray(rng.standard_normal((40, 6)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((3, 6, 5)), jnp.float32)
+    traces = []
+
+    @jax.jit
+    def f(local_rhs, sizes, offset):
+        traces.append(None)
+        return gmm(lhs, local_rhs, sizes, group_offset=offset, backend="cpu")
+
+    for sizes, offset in [([5, 30, 5], 0), ([0, 0, 40], 1), ([12, 0, 1], 1)]:
+        sizes = np.asarray(sizes, np.int32)
+        out = f(rhs[offset:offset + 2], jnp.asarray(sizes), jnp.int32(offset))
+        np.testing.assert_allclose(out, _numpy_gmm(lhs, rhs[offset:offset + 2], sizes, offset),
+                                   rtol=1e-5, atol=1e-5)
+    assert len(traces) == 1
+
+
+def test_scratch_memory_stays_linear_not_groups_times_rows():
+    # ragged_dot on CPU needs [g, m, k] scratch (about 8x the bound here); this backend needs no more than
+    # its operands' size.
+    m, k, n, g = 256, 32, 24, 32
+    args = (jnp.zeros((m, k)), jnp.zeros((g, k, n)), jnp.zeros((g,), jnp.int32))
+    bound = 4 * (m * k + m * n + g * k * n)
+    forward = jax.jit(lambda a, b, s: gmm(a, b, s, backend="cpu"))
+    both = jax.jit(jax.value_and_grad(lambda a, b, s: gmm(a, b, s, backend="cpu").sum(), (0, 1)))
+    for fn in (forward, both):
+        assert fn.lower(*args).compile().memory_analysis().temp_size_in_bytes <= bound
+
+
+_chunk_plan = jax.jit(cpu.chunk_plan, static_argnums=(2, 3, 4))
+
+
+@given(st.lists(st.integers(0, 700), min_size=6, max_size=6), st.sampled_from([None, 16, 100]))
+def test_chunks_cover_each_group_and_stay_inside_it_unless_the_group_is_smaller(sizes, tm):
+    sizes = np.asarray(sizes, np.int32)
+    m = 6 * 700 + 3
+    plan = _chunk_plan(jnp.asarray(sizes), 0, len(sizes), m, tm)
+    counts, firsts = np.asarray(plan.counts), np.asarray(plan.firsts)
+    for g, (start, end) in enumerate(zip(np.asarray(plan.starts_G), np.asarray(plan.ends_G))):
+        covered = np.zeros(m, bool)
+        for c, count_G, first_G in zip(plan.sizes, counts, firsts):
+            for j in range(count_G[g]):
+                row = min(max(min(first_G[g] + j * c, end - c), 0), m - c)
+                if end - start >= plan.sizes[-1]:
+                    assert start <= row and row + c <= end
+                covered[row:row + c] = True
+        assert covered[start:end].all()
+        computed = sum(count_G[g] * c for c, count_G in zip(plan.sizes, counts))
+        assert computed < 2 * (end - start) + plan.sizes[-1]
+
+
+def test_benchmark_quick_run_writes_a_table_json_and_plot(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gmm.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio" in result.stdout
+    assert (tmp_path / "gmm_cpu.json").exists() and (tmp_path / "gmm_cpu.png").exists()
