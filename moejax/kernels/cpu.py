@@ -1,38 +1,40 @@
 """XLA-only grouped matmul (gmm and tgmm) that is fast on the CPU.
 
-``lax.ragged_dot`` lowers on CPU to a product masked over every group (``[g, m, k]`` work); here each
-group does only its own rows, in a few large row chunks, so the cost stays close to one dense matmul.
+``lax.ragged_dot`` lowers on CPU to a product masked over every group (``[g, m, k]`` work). Here each
+group multiplies only its own rows, in a few large row chunks, so the cost stays near one dense
+matmul plus one read of each expert's weights.
 
 Tiling. Groups are visited one after another (expert-major). A group of ``s`` rows is cut into row
-chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default 512), then 8 * step**j
-below it (gmm: step 4, so 128, 32, 8; tgmm: step 2, so 256, 128, ..., 8; sizes larger than ``m`` are
-dropped). A group takes ``s // tm`` chunks of ``tm`` rows; the rest ``r`` is then, turn by turn, either
-closed by one chunk of the smallest size >= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows,
-the fixed cost of one more chunk), or shrunk by as many chunks of the largest size <= ``r`` as fit.
-Every chunk is a static-shape matmul; the number of chunks of each size is a dynamic trip count. The
-ladder step trades compile time (one loop and one matmul kernel per size) against chunks per group:
-gmm's extra chunks are cheap, while each tgmm chunk also reads and writes a ``[k, n]`` accumulator.
+chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default 512), then the powers of
+two below it down to 8 (sizes larger than ``m`` are dropped). A group takes ``s // tm`` chunks of
+``tm`` rows; the rest ``r`` is then, turn by turn, either closed by one chunk of the smallest size
+>= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows, the fixed cost of one more chunk), or
+shrunk by as many chunks of the largest size <= ``r`` as fit. Every chunk is a static-shape matmul;
+the number of chunks of each size is a dynamic trip count, so nothing depends on the group sizes at
+trace time. Each ladder size costs one loop and one matmul kernel to compile.
 
-Metadata (``ChunkPlan``, on device, static shapes, no host sync): per local group its row range and,
-per ladder size ``c``, the number of ``c``-row chunks and the row where they start. The chunks of a
-group tile its rows in ladder order; the last chunk is aligned to the group's end, overlapping rows
-already done (gmm recomputes the same values there; tgmm masks them out). In gmm a closing chunk is
-never larger than its group, so only a group smaller than the smallest size spills over its
-neighbours (its single chunk writes through a row mask); tgmm masks every chunk's rows, so its chunks
-may spill.
+Metadata (``ChunkPlan``, computed on device with static shapes, no host sync): per local group its
+row range and, per ladder size ``c``, the number of ``c``-row chunks and the row where they start.
+The chunks of a group tile its rows in ladder order; the last one is aligned to the group's end,
+overlapping rows already done (gmm recomputes the same values there; tgmm masks them out). In gmm a
+closing chunk is never larger than its group, so only a group smaller than 8 rows spills over its
+neighbours, and only its single chunk writes through a row mask (read-modify-write); every other
+chunk is a plain ``dynamic_update_slice``. tgmm masks the rows of every chunk (a ``[c, k]`` select,
+cheap next to the matmul), so its chunks may spill.
 
-gmm: per group, ``rhs[g]`` is sliced once and every chunk writes ``lhs[chunk] @ rhs[g]`` into the
-output with a ``dynamic_update_slice`` (in place in the loop carry). Rows of non-local groups and rows
+gmm: per group, ``rhs[g]`` is sliced once and each chunk writes ``lhs[chunk] @ rhs[g]`` into the
+output, which is carried through the loops and updated in place. Rows of non-local groups and rows
 past ``sum(group_sizes)`` keep the zeros the output starts with.
 tgmm: per group, the first chunk's ``lhs[chunk].T @ rhs[chunk]`` starts an f32 accumulator (a
-``lax.switch`` on its size), the other chunks add to it, and the group's ``[k, n]`` block is written
-once; an empty group writes zeros.
+``lax.switch`` on its size: no zero fill and no add for one-chunk groups), the other chunks add to
+it, and the group's ``[k, n]`` block is written once. Empty groups are skipped (an empty group's
+weights are never read; its tgmm block keeps the output's zeros).
 
-Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not transpose_rhs)``
-(the transposed contraction is a ``dot_general`` on ``rhs[g]``, no transposed copy of ``rhs``) and
-``drhs = tgmm(lhs, dout)``.
+Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
+transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
+copy of ``rhs``), and ``drhs = tgmm(lhs, dout)``.
 
-Accumulation is f32 whatever the input dtype; ``interpret`` is ignored, and so are ``tk`` and ``tn``.
+Accumulation is f32 whatever the input dtype. ``interpret`` is ignored, and so are ``tk`` and ``tn``.
 """
 
 from __future__ import annotations
@@ -42,24 +44,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-_GMM_DEFAULT_CHUNK = 512
+_DEFAULT_CHUNK = 512
 _MIN_CHUNK = 8
-# Each ladder size is this many times the next (see the module docstring).
-_GMM_LADDER_STEP = 4
-_TGMM_LADDER_STEP = 2
 # One more chunk costs about as much as this many rows of matmul work (measured on a 2-core x86 VM).
-_GMM_CHUNK_COST_ROWS = 16
-_TGMM_CHUNK_COST_ROWS = 16
-_TGMM_DEFAULT_CHUNK = 512
+_CHUNK_COST_ROWS = 16
 
 
-def chunk_sizes(m: int, tm: int, step: int = _GMM_LADDER_STEP) -> tuple[int, ...]:
-    """The ladder of chunk sizes for ``m`` rows, largest first: ``tm``, then 8 * step**j below it."""
+def chunk_sizes(m: int, tm: int) -> tuple[int, ...]:
+    """The ladder of chunk sizes for ``m`` rows, largest first: ``tm``, then powers of two below."""
     smaller = []
     c = _MIN_CHUNK
     while c < tm:
         smaller.append(c)
-        c *= step
+        c *= 2
     sizes = [c for c in [tm, *reversed(smaller)] if c <= m]
     return tuple(sizes) if sizes else (m,)
 
@@ -70,6 +67,7 @@ class ChunkPlan(NamedTuple):
     starts_G / ends_G: row range of each local group.
     counts[i]_G: number of chunks of size ``sizes[i]``; firsts[i]_G: the row where they start
     (nominally; the last chunk of a group is moved back to end at ``ends_G``).
+    nonempty_G: the local groups with rows, in order, then padding; num_nonempty: how many.
     """
 
     sizes: tuple[int, ...]
@@ -77,16 +75,17 @@ class ChunkPlan(NamedTuple):
     ends_G: jax.Array
     counts: tuple[jax.Array, ...]
     firsts: tuple[jax.Array, ...]
+    nonempty_G: jax.Array
+    num_nonempty: jax.Array
 
 
 def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
-               step: int = _GMM_LADDER_STEP, cost_rows: int = _GMM_CHUNK_COST_ROWS,
                may_spill: bool = False) -> ChunkPlan:
     """Cuts each local group into ladder-sized row chunks (see the module docstring).
 
     ``may_spill``: a covering chunk may be larger than its group (its user masks rows out).
     """
-    sizes = chunk_sizes(m, tm, step)
+    sizes = chunk_sizes(m, tm)
     group_sizes = group_sizes.astype(jnp.int32)
     ends_all = jnp.cumsum(group_sizes)
     offset = jnp.asarray(group_offset, jnp.int32)
@@ -106,9 +105,9 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
             cover_G = jnp.where(c >= rest_G, c, cover_G)
         for c in reversed(sizes):
             fit_G = jnp.where(c <= rest_G, c, fit_G)
-        # A covering chunk is end-aligned inside the group, so it must not be larger than the group:
-        # then only groups smaller than the smallest size ever spill over their neighbours.
-        cheap = (cover_G - rest_G <= cost_rows) | last
+        # Unless it may spill, a closing chunk (end-aligned) must not be larger than its group: then
+        # only groups smaller than the smallest size spill over their neighbours.
+        cheap = (cover_G - rest_G <= _CHUNK_COST_ROWS) | last
         inside = True if may_spill else cover_G <= sizes_G
         take_cover = (rest_G > 0) & ((fit_G == 0) | (cheap & inside))
         # Otherwise as many ``fit``-row chunks as fit (at the last turn, enough to cover the rest).
@@ -124,7 +123,10 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
     for c, count_G in zip(sizes, counts):
         firsts.append(row_G)
         row_G = row_G + count_G * c
-    return ChunkPlan(sizes, starts_G, ends_G, tuple(counts), tuple(firsts))
+    has_rows_G = sizes_G > 0
+    nonempty_G = jnp.nonzero(has_rows_G, size=num_local, fill_value=0)[0].astype(jnp.int32)
+    return ChunkPlan(sizes, starts_G, ends_G, tuple(counts), tuple(firsts), nonempty_G,
+                     jnp.sum(has_rows_G, dtype=jnp.int32))
 
 
 def _operands(lhs, rhs):
@@ -138,7 +140,7 @@ def _operands(lhs, rhs):
 
 
 def _chunk_start(nominal, group_end, c: int, m: int):
-    """Start row of a ``c``-row chunk: at ``nominal``, moved back to end at the group's end, in [0, m)."""
+    """Row where a ``c``-row chunk starts: ``nominal``, or earlier to end at the group's end."""
     return jnp.clip(jnp.minimum(nominal, group_end - c), 0, m - c)
 
 
@@ -150,12 +152,12 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type)
-    out_MxN = jnp.zeros((m, n), out_dtype)
+    out_MxN = _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes)
     if m == 0 or num_local == 0:
         return out_MxN
     lhs, rhs = _operands(lhs, rhs)
-    plan = chunk_plan(group_sizes, group_offset, num_local, m,
-                      tiling[0] if tiling else _GMM_DEFAULT_CHUNK)
+    tm = tiling[0] if tiling else _DEFAULT_CHUNK
+    plan = chunk_plan(group_sizes, group_offset, num_local, m, tm)
     dims = (((1,), (1,)) if transpose_rhs else ((1,), (0,)), ((), ()))
 
     def group_body(g, out_MxN):
@@ -192,7 +194,9 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
                 out_MxN = jax.lax.fori_loop(0, jnp.where(fits, 0, count), write_masked, out_MxN)
         return out_MxN
 
-    return jax.lax.fori_loop(0, num_local, group_body, out_MxN)
+    # Empty groups are skipped: their rows do not exist, and their weights are never read.
+    return jax.lax.fori_loop(
+        0, plan.num_nonempty, lambda i, out_MxN: group_body(plan.nonempty_G[i], out_MxN), out_MxN)
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_type, tiling,
@@ -202,17 +206,16 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     m, k = lhs.shape
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
-    out_GxKxN = jnp.zeros((num_groups, k, n), out_dtype)
+    out_GxKxN = _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes)
     if m == 0:
         return out_GxKxN
     lhs, rhs = _operands(lhs, rhs)
-    plan = chunk_plan(group_sizes, group_offset, num_groups, m,
-                      tiling[0] if tiling else _TGMM_DEFAULT_CHUNK, step=_TGMM_LADDER_STEP,
-                      cost_rows=_TGMM_CHUNK_COST_ROWS, may_spill=True)
+    tm = tiling[0] if tiling else _DEFAULT_CHUNK
+    plan = chunk_plan(group_sizes, group_offset, num_groups, m, tm, may_spill=True)
     dims = (((0,), (0,)), ((), ()))
 
-    # Index of each group's first chunk size (its largest), len(sizes) for an empty group.
-    head_G = jnp.full_like(plan.starts_G, len(plan.sizes))
+    # Index of each group's first (largest) chunk size.
+    head_G = jnp.zeros_like(plan.starts_G)
     for i in reversed(range(len(plan.sizes))):
         head_G = jnp.where(plan.counts[i] > 0, i, head_G)
 
@@ -222,7 +225,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
         def chunk_product(c, nominal):
             row = _chunk_start(nominal, end, c, m)
             rows_C = row + jnp.arange(c, dtype=jnp.int32)
-            # Rows before ``nominal`` belong to the previous chunk of this group (end-aligned overlap).
+            # Rows before ``nominal`` belong to an earlier chunk of this group (end-aligned overlap).
             mine_C = (rows_C >= nominal) & (rows_C < end)
             x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
             x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
@@ -232,7 +235,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
         # The first chunk initialises the accumulator: no zero fill and no add for one-chunk groups.
         heads = [lambda c=c, i=i: chunk_product(c, plan.firsts[i][g])
                  for i, c in enumerate(plan.sizes)]
-        acc_KxN = jax.lax.switch(head, heads + [lambda: jnp.zeros((k, n), jnp.float32)])
+        acc_KxN = jax.lax.switch(head, heads)
         for i, c in enumerate(plan.sizes):
             done = (head == i).astype(jnp.int32)
             first = plan.firsts[i][g] + done * c
@@ -243,4 +246,14 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
             acc_KxN = jax.lax.fori_loop(0, plan.counts[i][g] - done, add, acc_KxN)
         return jax.lax.dynamic_update_index_in_dim(out_GxKxN, acc_KxN.astype(out_dtype), g, 0)
 
-    return jax.lax.fori_loop(0, num_groups, group_body, out_GxKxN)
+    # Empty groups keep the zeros the output starts with.
+    return jax.lax.fori_loop(
+        0, plan.num_nonempty, lambda i, out: group_body(plan.nonempty_G[i], out), out_GxKxN)
+
+
+def _varying_like(x, *operands):
+    """``x`` made varying over the shard_map axes its operands vary over (loop carries must match)."""
+    axes = set()
+    for operand in operands:
+        axes |= jax.typeof(operand).manual_axis_type.varying
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x

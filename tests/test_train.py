@@ -1,0 +1,347 @@
+"""The trainer: a smoke run learns and writes its artifacts; exact resume after SIGKILL; SIGTERM saves;
+instruction tuning with frozen parameter groups; checkpoint fallback; clear errors on bad input.
+
+Runs that several tests read are made once per test session (also across pytest-xdist workers).
+Subprocess runs share a persistent compilation cache, so only the first one compiles.
+"""
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from tensorboardX.proto import event_pb2
+
+from moejax import train
+from moejax.checkpoint import Checkpointer
+from moejax.metrics_writer import read_metrics
+from moejax.models import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("smoke", os.path.join(REPO, "experiments", "smoke.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(overrides)
+    return config
+
+
+@contextlib.contextmanager
+def _locked(path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def session_root(tmp_path_factory):
+    """A directory of this test session that all pytest-xdist workers share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_run(tmp_path_factory, name, make_config):
+    """Workdir of an in-process run made once for all workers of this test session."""
+    root = session_root(tmp_path_factory)
+    workdir = root / name
+    with _locked(root / f"{name}.lock"):
+        if not (root / f"{name}.done").exists():
+            train.run(make_config(), str(workdir))
+            (root / f"{name}.done").write_text("ok")
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    return shared_run(tmp_path_factory, "smoke_run", smoke_config)
+
+
+def subprocess_env(tmp_path_factory, devices=2):
+    cache = session_root(tmp_path_factory) / "jax_cache"
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def main_command(workdir, *flags):
+    return [sys.executable, "-m", "moejax.main", "--config=experiments/smoke.py",
+            f"--workdir={workdir}", *flags]
+
+
+def restore_raw(workdir, step):
+    """The saved params of ``step`` as NumPy arrays (no target: read back as stored)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    checkpointer = ocp.PyTreeCheckpointer()
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def tensorboard_tags(workdir):
+    tags = set()
+    logdir = os.path.join(workdir, "tensorboard")
+    for name in os.listdir(logdir):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):  # TFRecord: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[offset: offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            offset += 16 + length
+    return tags
+
+
+# ---------------------------------------------------------------------- smoke run
+
+
+def test_smoke_training_lowers_train_and_eval_loss(smoke_workdir):
+    rows = read_metrics(smoke_workdir)
+    train_losses = [row["train_loss"] for row in rows if "train_loss" in row]
+    eval_losses = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    assert len(train_losses) == 6 and len(eval_losses) == 3
+    assert np.mean(train_losses[-2:]) < np.mean(train_losses[:2]) - 0.3
+    assert eval_losses[-1] < eval_losses[0]
+
+
+def test_metrics_jsonl_has_a_row_per_logged_step_and_per_evaluation(smoke_workdir):
+    rows = read_metrics(smoke_workdir)
+    assert [row["step"] for row in rows if "train_loss" in row] == [1, 2, 3, 4, 5, 6]
+    evals = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [0, 3, 6]
+    load = np.asarray(evals[-1]["eval_expert_load"])
+    assert load.shape == (2, 4)  # 2 MoE layers x 4 experts, shares of the routed tokens
+    np.testing.assert_allclose(load.sum(axis=1), [1.0, 1.0], rtol=1e-6)
+    assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]), rel=1e-6)
+
+
+def test_smoke_run_writes_checkpoints_tensorboard_events_and_plots(smoke_workdir):
+    assert sorted(os.listdir(os.path.join(smoke_workdir, "checkpoints"))) == ["3", "6"]
+    tags = tensorboard_tags(smoke_workdir)
+    assert {"train_loss", "eval_loss", "learning_rate", "train_load_cv/moe_layer_1"} <= tags
+    for plot in ("loss.png", "expert_load.png"):
+        with open(os.path.join(smoke_workdir, plot), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- preemption
+
+
+def test_run_killed_after_a_checkpoint_and_restarted_ends_bit_identical(tmp_path,
+                                                                         tmp_path_factory):
+    env = subprocess_env(tmp_path_factory)
+    flags = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=2",
+             "--config.eval_every_steps=12", "--config.log_every_steps=4"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run(main_command(reference, *flags), cwd=REPO, env=env, check=True,
+                   capture_output=True)
+
+    process = subprocess.Popen(main_command(resumed, *flags), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = resumed / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (resumed / "checkpoints" / "12").exists(), "the run ended before it was killed"
+
+    restarted = subprocess.run(main_command(resumed, *flags), cwd=REPO, env=env, check=True,
+                               capture_output=True, text=True)
+    assert "Resumed from" in restarted.stdout
+
+    def final_rows(workdir):  # everything but the wall-clock speeds
+        return [{k: v for k, v in row.items() if k not in ("steps_per_sec", "tokens_per_sec")}
+                for row in read_metrics(str(workdir)) if row["step"] == 12]
+
+    assert len(final_rows(reference)) == 2  # the train row and the eval row of the last step
+    assert final_rows(resumed) == final_rows(reference)
+    steps = [row["step"] for row in read_metrics(str(resumed)) if "train_loss" in row]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the restart"
+    want, got = restore_raw(str(reference), 12), restore_raw(str(resumed), 12)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tmp_path_factory):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        main_command(workdir, "--config.num_train_steps=100000",
+                     "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"),
+        cwd=REPO, env=subprocess_env(tmp_path_factory), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and (
+            not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    saved = [int(step) for step in os.listdir(workdir / "checkpoints")]
+    assert len(saved) == 1 and 3 <= saved[0] < 100000
+    assert f"SIGTERM at step {saved[0]}" in stdout
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(
+        smoke_workdir, tmp_path, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = []
+    for process_id in range(2):
+        env = subprocess_env(tmp_path_factory, devices=4)
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(process_id))
+        # Three steps of the smoke run: warmup ends at step 2, so the learning rates of steps 1-3
+        # do not depend on the run's length and the losses are comparable.
+        flags = ["--config.num_train_steps=3", "--config.eval_every_steps=3"]
+        processes.append(subprocess.Popen(main_command(tmp_path, *flags), cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert "8 device(s) {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1}, 2 process(es)" in outputs[0]
+
+    def losses(workdir):
+        return [(row["step"], row.get("train_loss", row.get("eval_loss")))
+                for row in read_metrics(workdir)]
+
+    one = [(step, loss) for step, loss in losses(smoke_workdir) if step <= 3]
+    two = losses(str(tmp_path))
+    assert [step for step, _ in two] == [0, 1, 2, 3, 3] == [step for step, _ in one]
+    np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- instruction tuning
+
+
+def test_instruction_tuning_with_a_frozen_router_changes_experts_but_not_the_router(
+        smoke_workdir, tmp_path):
+    config = smoke_config(
+        dataset="instruct_synth", seq_len=128, num_train_steps=2, eval_every_steps=2,
+        checkpoint_every_steps=2, init_from=smoke_workdir, freeze="router",
+        instruct_eval=dict(families=("min",), num_examples=2, max_new_tokens=2))
+    summary = train.run(config, str(tmp_path))
+    assert 0.0 <= summary["eval_exact_match/min"] <= 1.0
+    before, after = restore_raw(smoke_workdir, 6), restore_raw(str(tmp_path), 2)
+    for layer in ("0", "1"):
+        np.testing.assert_array_equal(after["layers"][layer]["ffn"]["router"]["w_router"],
+                                      before["layers"][layer]["ffn"]["router"]["w_router"])
+        assert not np.array_equal(after["layers"][layer]["ffn"]["experts"]["w_in"],
+                                  before["layers"][layer]["ffn"]["experts"]["w_in"])
+
+
+@pytest.mark.parametrize("freeze", ["router", "experts", "non_expert"])
+def test_freeze_zeroes_the_updates_of_exactly_that_parameter_group(freeze):
+    model_config = train.make_model_config(train.complete_config(smoke_config()))
+    params = nnx.state(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param)
+    config = train.complete_config(smoke_config(freeze=freeze))
+    tx = train.make_optimizer(config, lambda step: 1e-2, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+    flat = jax.tree_util.tree_leaves_with_path(updates)
+    groups = {train.param_group(path) for path, _ in flat}
+    assert groups == {"router", "experts", "non_expert"}
+    for path, update in flat:
+        frozen = train.param_group(path) == freeze
+        assert bool(jnp.all(update == 0)) == frozen, jax.tree_util.keystr(path)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+class _FakeIterator:
+    def __init__(self, state=b"s0"):
+        self.state = state
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=5)
+    tree = lambda v: {"w": jnp.full((4,), v, jnp.float32)}  # noqa: E731
+    for step in (1, 2):
+        ckpt.save(step, tree(step), {"step": jnp.asarray(step)}, _FakeIterator(b"data%d" % step))
+    ckpt.close()
+    for root, _, files in os.walk(tmp_path / "2" / "params"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+
+    ckpt = Checkpointer(tmp_path, keep=5)
+    iterator = _FakeIterator()
+    abstract = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices()[0]))
+    step, params, train_state = ckpt.restore({"w": abstract}, {"step": jax.ShapeDtypeStruct(
+        (), jnp.int32, sharding=abstract.sharding)}, iterator)
+    assert step == 1 and iterator.state == b"data1"
+    np.testing.assert_array_equal(params["w"], np.ones(4))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.corrupt"]
+    ckpt.save(2, tree(7), {"step": jnp.asarray(2)}, iterator)  # step 2 can be written again
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt"]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seq_len=0), "config.seq_len must be a positive int"),
+    (dict(batch_size=-8), "config.batch_size must be a positive int"),
+    (dict(batch_size=12), "batch_size = 12 is not divisible by the data-parallel size 8"),
+    (dict(num_train_step=3), "config.num_train_step is not a known key; did you mean "
+                             "'num_train_steps'"),
+    (dict(optimizer=dict(lerning_rate=1.0)), "config.optimizer.lerning_rate is not a known key"),
+    (dict(moe=dict(num_expert=4)), "config.moe.num_expert is not a known key"),
+    (dict(freeze="gate"), "config.freeze must be one of"),
+])
+def test_bad_config_raises_a_clear_error(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.run(smoke_config(**overrides), str(tmp_path))
+
+
+def test_unknown_dataset_error_lists_the_available_ones(tmp_path):
+    with pytest.raises(ValueError, match="stdlib_text"):
+        train.run(smoke_config(dataset="no_such_corpus"), str(tmp_path))
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="is not writable"):
+        train.run(smoke_config(), str(blocker / "run"))
+
+
+def test_command_line_override_of_a_missing_key_fails_naming_it(tmp_path, tmp_path_factory):
+    result = subprocess.run(main_command(tmp_path, "--config.no_such_key=1"), cwd=REPO,
+                            env=subprocess_env(tmp_path_factory), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
