@@ -16,13 +16,16 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(PY) -m moejax.demo
+	$(PY) -m moejax.main --config=experiments/default.py --workdir=runs/default
 
 test: setup
 	$(PY) -m pytest -n auto --durations=20 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/gmm.py
+	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/parallel.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
