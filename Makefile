@@ -24,8 +24,9 @@ test: setup
 bench: setup
 	$(PY) benchmarks/gmm.py
 	$(PY) benchmarks/moe_layer.py
-	$(PY) benchmarks/parallel.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/parallel.py > benchmarks/results/parallel.txt
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,9 +1,6 @@
 """The XLA-only CPU backend of gmm/tgmm (``backend="cpu"``) against ragged_dot and NumPy."""
 
 import functools
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +16,7 @@ from moejax.ops import gmm, tgmm
 # m=5 is below the smallest chunk size.
 SHAPES = [
     (37, 5, 11, 4, (16, 128, 128)),
-    (70, 16, 8, 3, None),
-    (130, 24, 40, 6, (16, 128, 128)),
+    (130, 24, 40, 6, None),
     (5, 3, 4, 2, None),
 ]
 
@@ -190,7 +186,8 @@ def test_gradients_match_ragged_dot_autodiff(transpose_rhs):
         b = jnp.swapaxes(b, 1, 2) if transpose_rhs else b
         return jnp.sum(jax.lax.ragged_dot(a, b, sizes, precision=jax.lax.Precision.HIGHEST) * cot)
 
-    for got, want in zip(jax.grad(ours, (0, 1))(lhs, w), jax.grad(oracle, (0, 1))(lhs, w)):
+    grads = jax.jit(jax.grad(ours, (0, 1)))(lhs, w)
+    for got, want in zip(grads, jax.jit(jax.grad(oracle, (0, 1)))(lhs, w)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -214,13 +211,14 @@ def test_one_compilation_serves_every_group_sizes_and_offset():
 
 
 def test_scratch_memory_stays_linear_not_groups_times_rows():
-    # ragged_dot on CPU needs [g, m, k] scratch (about 8x the bound here); this backend needs no more than
-    # its operands' size.
+    # ragged_dot on CPU needs [g, m, k] scratch (about 8x the bound here); this backend needs no
+    # more than its operands' size.
     m, k, n, g = 256, 32, 24, 32
     args = (jnp.zeros((m, k)), jnp.zeros((g, k, n)), jnp.zeros((g,), jnp.int32))
     bound = 4 * (m * k + m * n + g * k * n)
-    forward = jax.jit(lambda a, b, s: gmm(a, b, s, backend="cpu"))
-    both = jax.jit(jax.value_and_grad(lambda a, b, s: gmm(a, b, s, backend="cpu").sum(), (0, 1)))
+    ours = functools.partial(gmm, tiling=(16, 128, 128), backend="cpu")
+    forward = jax.jit(ours)
+    both = jax.jit(jax.value_and_grad(lambda a, b, s: ours(a, b, s).sum(), (0, 1)))
     for fn in (forward, both):
         assert fn.lower(*args).compile().memory_analysis().temp_size_in_bytes <= bound
 
@@ -228,7 +226,7 @@ def test_scratch_memory_stays_linear_not_groups_times_rows():
 _chunk_plan = jax.jit(cpu.chunk_plan, static_argnums=(2, 3, 4))
 
 
-@given(st.lists(st.integers(0, 700), min_size=6, max_size=6), st.sampled_from([None, 16, 100]))
+@given(st.lists(st.integers(0, 700), min_size=6, max_size=6), st.sampled_from([512, 16, 100]))
 def test_chunks_cover_each_group_and_stay_inside_it_unless_the_group_is_smaller(sizes, tm):
     sizes = np.asarray(sizes, np.int32)
     m = 6 * 700 + 3
@@ -245,14 +243,3 @@ def test_chunks_cover_each_group_and_stay_inside_it_unless_the_group_is_smaller(
         assert covered[start:end].all()
         computed = sum(count_G[g] * c for c, count_G in zip(plan.sizes, counts))
         assert computed < 2 * (end - start) + plan.sizes[-1]
-
-
-def test_benchmark_quick_run_writes_a_table_json_and_plot(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gmm.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--repeats", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "ratio" in result.stdout
-    assert (tmp_path / "gmm_cpu.json").exists() and (tmp_path / "gmm_cpu.png").exists()
