@@ -1,0 +1,81 @@
+"""The paper-reproduction sweeps (experiments/s*.py) build, and the runner works end to end."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from moejax import train
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+sys.path.insert(0, EXPERIMENTS)
+import run_sweep  # noqa: E402
+
+SWEEPS = sorted(f[:-3] for f in os.listdir(EXPERIMENTS)
+                if f.startswith("s") and f[1].isdigit() and f.endswith(".py"))
+
+
+def test_there_is_one_sweep_per_result_s1_to_s5():
+    assert [name[:2] for name in SWEEPS] == ["s1", "s2", "s3", "s4", "s5"]
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.parametrize("size", ["micro", "small", "full"])
+def test_every_run_of_a_sweep_builds_a_valid_model_config(name, size):
+    sweep = run_sweep.load_sweep(name)
+    runs = sweep.sweep(size)
+    assert len({run.name for run in runs}) == len(runs)
+    for run in runs:
+        config = sweep.get_config(run.arg)
+        if size == "micro":
+            assert config.num_train_steps == 2
+        train.make_model_config(train.complete_config(config))  # raises on a bad field
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_tables_only_name_columns_the_runner_produces_or_exact_match(name):
+    sweep = run_sweep.load_sweep(name)
+    known = {"eval_loss", "eval_perplexity", "delta_eval_loss", "cv_importance", "cv_load",
+             "max_over_mean_load", "train_dropped_fraction", "eval_dropped_fraction",
+             "step_time_ms", "loss_spikes", "final_train_loss", "initial_eval_loss",
+             "eval_loss_gain"}
+    keys = [key for key, _ in sweep.COLUMNS]
+    assert all(key in known or key.startswith("eval_exact_match/") for key in keys)
+    assert set(sweep.PLOT) <= set(keys)
+
+
+def test_unknown_config_argument_is_rejected():
+    sweep = run_sweep.load_sweep("s1_balancing")
+    with pytest.raises(ValueError, match="w_loadd"):
+        sweep.get_config("w_loadd=0.1")
+
+
+def test_unknown_sweep_name_lists_the_available_ones():
+    with pytest.raises(ValueError, match="s1_balancing"):
+        run_sweep.load_sweep("s9_nothing")
+
+
+def test_runner_trains_writes_json_table_plot_and_results_block_then_resumes(tmp_path,
+                                                                             monkeypatch):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# R\n<!-- BEGIN s1_balancing -->\nold\n<!-- END s1_balancing -->\ntail\n")
+    kwargs = dict(size="micro", only="imp0.1_load0.1", workroot=str(tmp_path / "runs"),
+                  results_root=str(tmp_path / "results"), results_md=str(results_md))
+    pooled = run_sweep.run_sweep("s1_balancing", **kwargs)
+
+    out = tmp_path / "results" / "s1_balancing-micro"
+    record = json.loads((out / "runs" / "imp0.1_load0.1_seed0.json").read_text())
+    assert math.isfinite(record["eval_loss"]) and not record["diverged"]
+    assert record["max_over_mean_load"] >= 1.0 and record["cv_load"] >= 0.0
+    assert [row["group"] for row in pooled["groups"]] == ["0.1, 0.1"]
+    assert (out / "s1_balancing.png").stat().st_size > 0
+    assert "| 0.1, 0.1 | 1 |" in (out / "table.md").read_text()
+    text = results_md.read_text()
+    assert "old" not in text and "| 0.1, 0.1 | 1 |" in text and text.endswith("tail\n")
+
+    # A second call trains nothing: the run's JSON exists.
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained a finished run"))
+    run_sweep.run_sweep("s1_balancing", **kwargs)
