@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from moejax.kernels import cpu
 from moejax.ops import gmm, tgmm
+from references import numpy_gmm, numpy_tgmm
 
 # (m, k, n, groups, tiling): m, k, n are not multiples of the chunk sizes; tm=16 forces many chunks;
 # m=5 is below the smallest chunk size.
@@ -28,29 +29,6 @@ _tgmm = jax.jit(
     functools.partial(tgmm, backend="cpu"),
     static_argnames=("num_groups", "preferred_element_type", "tiling"),
 )
-
-
-def _numpy_gmm(lhs, rhs, sizes, offset=0):
-    """Row group i of lhs times rhs[i - offset]; rows of other groups and past the sum are 0."""
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float64)
-    start = 0
-    for i, size in enumerate(sizes):
-        if 0 <= i - offset < rhs.shape[0]:
-            out[start:start + size] = lhs[start:start + size] @ rhs[i - offset]
-        start += size
-    return out
-
-
-def _numpy_tgmm(lhs, rhs, sizes, offset, num_groups):
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    out = np.zeros((num_groups, lhs.shape[1], rhs.shape[1]), np.float64)
-    start = 0
-    for i, size in enumerate(sizes):
-        if offset <= i < offset + num_groups:
-            out[i - offset] = lhs[start:start + size].T @ rhs[start:start + size]
-        start += size
-    return out
 
 
 @st.composite
@@ -131,7 +109,7 @@ def test_gmm_with_group_offset_computes_only_the_local_groups(problem, data):
     local_rhs = rhs[offset:offset + num_local]
     out = _gmm(jnp.asarray(lhs), jnp.asarray(local_rhs), jnp.asarray(sizes),
                group_offset=jnp.int32(offset), tiling=tiling)
-    np.testing.assert_allclose(out, _numpy_gmm(lhs, local_rhs, sizes, offset), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, numpy_gmm(lhs, local_rhs, sizes, offset), rtol=1e-5, atol=1e-5)
 
 
 @given(problems())
@@ -139,7 +117,7 @@ def test_tgmm_matches_per_group_numpy_and_empty_groups_are_zero(problem):
     lhs, _, sizes, tiling, rng = problem
     rhs = rng.standard_normal((lhs.shape[0], 9)).astype(np.float32)
     out = _tgmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), tiling=tiling)
-    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, 0, len(sizes)),
+    np.testing.assert_allclose(out, numpy_tgmm(lhs, rhs, sizes, 0, len(sizes)),
                                rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(out)[sizes == 0] == 0)
 
@@ -152,7 +130,7 @@ def test_tgmm_with_group_offset_returns_only_the_local_groups(problem, data):
     offset = data.draw(st.integers(0, len(sizes) - num_local))
     out = _tgmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes),
                 group_offset=jnp.int32(offset), num_groups=num_local, tiling=tiling)
-    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, offset, num_local),
+    np.testing.assert_allclose(out, numpy_tgmm(lhs, rhs, sizes, offset, num_local),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -164,7 +142,7 @@ def test_tgmm_bf16_accumulates_in_f32():
     lhs16, rhs16 = jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16)
     out = _tgmm(lhs16, rhs16, jnp.asarray(sizes), preferred_element_type=jnp.float32,
                 tiling=(16, 128, 128))
-    want = _numpy_tgmm(lhs16.astype(jnp.float32), rhs16.astype(jnp.float32), sizes, 0, 3)
+    want = numpy_tgmm(lhs16.astype(jnp.float32), rhs16.astype(jnp.float32), sizes, 0, 3)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
 
 
@@ -205,7 +183,7 @@ def test_one_compilation_serves_every_group_sizes_and_offset():
     for sizes, offset in [([5, 30, 5], 0), ([0, 0, 40], 1), ([12, 0, 1], 1)]:
         sizes = np.asarray(sizes, np.int32)
         out = f(rhs[offset:offset + 2], jnp.asarray(sizes), jnp.int32(offset))
-        np.testing.assert_allclose(out, _numpy_gmm(lhs, rhs[offset:offset + 2], sizes, offset),
+        np.testing.assert_allclose(out, numpy_gmm(lhs, rhs[offset:offset + 2], sizes, offset),
                                    rtol=1e-5, atol=1e-5)
     assert len(traces) == 1
 

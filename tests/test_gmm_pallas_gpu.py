@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moejax import ops
+from references import numpy_gmm, numpy_tgmm
 
 GPU = dict(backend="pallas_gpu", interpret=True)
 SMALL_TILES = (16, 16, 16)  # many row tiles, so group boundaries straddle tiles
@@ -26,31 +27,6 @@ GROUP_SIZE_CASES = {
 
 def _normal(rng, shape, dtype=jnp.float32):
     return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
-def _bounds(sizes):
-    ends = np.cumsum(sizes)
-    return ends - np.asarray(sizes), ends
-
-
-def _numpy_gmm(lhs, rhs_local, sizes, offset):
-    lhs, rhs_local = np.asarray(lhs, np.float64), np.asarray(rhs_local, np.float64)
-    starts, ends = _bounds(sizes)
-    out = np.zeros((lhs.shape[0], rhs_local.shape[2]))
-    for i in range(rhs_local.shape[0]):
-        s, e = starts[offset + i], ends[offset + i]
-        out[s:e] = lhs[s:e] @ rhs_local[i]
-    return out
-
-
-def _numpy_tgmm(lhs, rhs, sizes, offset, num_groups):
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    starts, ends = _bounds(sizes)
-    out = np.zeros((num_groups, lhs.shape[1], rhs.shape[1]))
-    for i in range(num_groups):
-        s, e = starts[offset + i], ends[offset + i]
-        out[i] = lhs[s:e].T @ rhs[s:e]
-    return out
 
 
 def _gmm_operands(seed, m, k, n, sizes, dtype=jnp.float32):
@@ -118,7 +94,7 @@ def test_gmm_with_group_offset_uses_local_groups_and_zeroes_the_rest(sizes, offs
     lhs, rhs, group_sizes = _gmm_operands(6, 150, 40, 24, sizes)
     rhs_local = rhs[offset:offset + num_local]
     out = ops.gmm(lhs, rhs_local, group_sizes, group_offset=offset, tiling=SMALL_TILES, **GPU)
-    np.testing.assert_allclose(out, _numpy_gmm(lhs, rhs_local, sizes, offset),
+    np.testing.assert_allclose(out, numpy_gmm(lhs, rhs_local, sizes, offset),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -131,7 +107,7 @@ def test_tgmm_matches_per_group_numpy_including_empty_groups(tiling):
     sizes = [0, 37, 0, 50, 20, 0]  # sum 107 < m = 150
     lhs, rhs = _normal(rng, (150, 40)), _normal(rng, (150, 24))
     out = ops.tgmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), tiling=tiling, **GPU)
-    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, 0, 6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, numpy_tgmm(lhs, rhs, sizes, 0, 6), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[np.asarray(sizes) == 0], 0.0)
 
 
@@ -141,7 +117,7 @@ def test_tgmm_with_group_offset_returns_only_the_local_groups():
     lhs, rhs = _normal(rng, (150, 40)), _normal(rng, (150, 24))
     out = ops.tgmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), group_offset=1, num_groups=3,
                    tiling=SMALL_TILES, **GPU)
-    np.testing.assert_allclose(out, _numpy_tgmm(lhs, rhs, sizes, 1, 3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, numpy_tgmm(lhs, rhs, sizes, 1, 3), rtol=1e-5, atol=1e-5)
 
 
 def test_tgmm_bf16_inputs_accumulate_in_f32():
@@ -150,7 +126,7 @@ def test_tgmm_bf16_inputs_accumulate_in_f32():
     lhs, rhs = _normal(rng, (150, 40), jnp.bfloat16), _normal(rng, (150, 24), jnp.bfloat16)
     out = ops.tgmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), preferred_element_type=jnp.float32,
                    **GPU)
-    np.testing.assert_allclose(out, _numpy_tgmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+    np.testing.assert_allclose(out, numpy_tgmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
                                                 sizes, 0, 3), rtol=1e-4, atol=1e-4)
 
 

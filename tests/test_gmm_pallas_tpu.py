@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moejax.ops import gmm, tgmm
+from references import numpy_gmm, numpy_tgmm
 
 BACKEND = dict(backend="pallas_tpu", interpret=True)
 
@@ -18,30 +19,6 @@ def _operands(m, k, n, num_groups, dtype, *, seed=0, transpose_rhs=False):
     return lhs, rhs
 
 
-def _numpy_gmm(lhs, rhs_gxkxn, group_sizes, group_offset=0):
-    lhs = np.asarray(lhs, np.float64)
-    rhs = np.asarray(rhs_gxkxn, np.float64)
-    ends = np.cumsum(group_sizes)
-    starts = ends - group_sizes
-    out = np.zeros((lhs.shape[0], rhs.shape[2]))
-    for i in range(rhs.shape[0]):
-        s, e = starts[group_offset + i], ends[group_offset + i]
-        out[s:e] = lhs[s:e] @ rhs[i]
-    return out
-
-
-def _numpy_tgmm(lhs, rhs, group_sizes, group_offset, num_groups):
-    lhs = np.asarray(lhs, np.float64)
-    rhs = np.asarray(rhs, np.float64)
-    ends = np.cumsum(group_sizes)
-    starts = ends - group_sizes
-    return np.stack([
-        lhs[starts[i]:ends[i]].T @ rhs[starts[i]:ends[i]]
-        for i in range(group_offset, group_offset + num_groups)
-    ])
-
-
-# (m, k, n, group_sizes, tiling): adversarial group layouts and shapes that are not tile multiples.
 GMM_CASES = {
     "all_groups_empty": (64, 128, 128, [0, 0, 0], None),
     "all_rows_in_one_group": (256, 128, 128, [0, 256, 0], None),
@@ -101,7 +78,7 @@ def test_gmm_group_offset_uses_local_groups_and_zeros_other_rows():
     offset, num_local = 2, 3
     lhs, rhs_local = _operands(m, k, n, num_local, jnp.float32)
     out = gmm(lhs, rhs_local, jnp.asarray(sizes), group_offset=jnp.int32(offset), **BACKEND)
-    expected = _numpy_gmm(lhs, rhs_local, sizes, offset)
+    expected = numpy_gmm(lhs, rhs_local, sizes, offset)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
     local_first, local_last = 55, 165
     assert not np.asarray(out[:local_first]).any() and not np.asarray(out[local_last:]).any()
@@ -113,7 +90,7 @@ def test_tgmm_matches_per_group_products_and_zeros_empty_groups():
     lhs, _ = _operands(m, k, n, 1, jnp.float32, seed=1)
     rhs, _ = _operands(m, n, k, 1, jnp.float32, seed=2)
     out = tgmm(lhs, rhs, jnp.asarray(sizes), **BACKEND)
-    expected = _numpy_tgmm(lhs, rhs, sizes, 0, len(sizes))
+    expected = numpy_tgmm(lhs, rhs, sizes, 0, len(sizes))
     assert out.shape == (len(sizes), k, n)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
     assert not np.asarray(out[0]).any() and not np.asarray(out[4]).any()
@@ -127,7 +104,7 @@ def test_tgmm_with_group_offset_and_small_tiles():
     rhs, _ = _operands(m, n, k, 1, jnp.float32, seed=4)
     out = tgmm(lhs, rhs, jnp.asarray(sizes), num_groups=num_local, group_offset=offset,
                tiling=(8, 128, 128), **BACKEND)
-    expected = _numpy_tgmm(lhs, rhs, sizes, offset, num_local)
+    expected = numpy_tgmm(lhs, rhs, sizes, offset, num_local)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -137,7 +114,7 @@ def test_tgmm_bf16_matches_f32_products():
     lhs, _ = _operands(m, k, n, 1, jnp.bfloat16, seed=5)
     rhs, _ = _operands(m, n, k, 1, jnp.bfloat16, seed=6)
     out = tgmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32, **BACKEND)
-    expected = _numpy_tgmm(np.asarray(lhs, np.float32), np.asarray(rhs, np.float32), sizes, 0, 3)
+    expected = numpy_tgmm(np.asarray(lhs, np.float32), np.asarray(rhs, np.float32), sizes, 0, 3)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
 
 

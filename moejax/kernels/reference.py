@@ -9,14 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _local_layout(group_sizes, group_offset, num_local_groups):
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
-    first = starts[group_offset]
-    last = ends[group_offset + num_local_groups - 1]
-    local = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, num_local_groups)
-    return first, last, local
+from moejax.kernels.metadata import local_row_range
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
@@ -25,7 +18,8 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
     g, k, n = rhs.shape
-    first, last, local = _local_layout(group_sizes, group_offset, g)
+    first, last = local_row_range(group_sizes, group_offset, g)
+    local = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, g)
     zeros = jnp.zeros((1, k, n), rhs.dtype)
     rhs_ext = jnp.concatenate([zeros, rhs, zeros], axis=0)
     sizes_ext = jnp.concatenate(
