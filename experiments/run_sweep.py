@@ -11,10 +11,11 @@ a run whose JSON exists is skipped, so an interrupted sweep resumes. Then the ru
 ``experiments/RESULTS.md`` is replaced by the generated table: no number there is typed by hand.
 
 Per run: final validation loss and perplexity (and its drop from the step-0 evaluation), median
-training step time (compilation excluded),
-dropped-token fraction, and, when the sweep sets ``ANALYZE_BALANCE``, Shazeer et al.'s balance
-statistics measured on the final checkpoint (see :func:`balance_statistics`). A run that diverges
-(non-finite loss) is recorded with ``diverged: true``.
+training step time (compilation excluded), dropped-token fraction, per-family exact match and
+answer-token loss of instruction-tuned runs (with the held-out families' mean and its drop), and,
+when the sweep sets ``ANALYZE_BALANCE``, Shazeer et al.'s balance statistics measured on the final
+checkpoint (see :func:`balance_statistics`). A run that diverges (non-finite loss) is recorded with
+``diverged: true``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from moejax import data as data_lib  # noqa: E402
 from moejax import parallel, train  # noqa: E402
 from moejax.checkpoint import restore_params  # noqa: E402
+from moejax.data import instruct_synth  # noqa: E402
 from moejax.metrics_writer import read_metrics  # noqa: E402
 
 EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,11 +94,26 @@ def execute(sweep, run, workdir: str, workdirs: dict[str, str]) -> dict:
         if "eval_dropped_fraction" in final:
             result["eval_dropped_fraction"] = float(np.mean(final["eval_dropped_fraction"]))
         for key, value in final.items():
-            if key.startswith("eval_exact_match/"):
+            if key.startswith(("eval_exact_match/", "eval_answer_loss/")):
                 result[key] = value
+        result.update(held_out_answer_loss(evals))
         if getattr(sweep, "ANALYZE_BALANCE", False) and config.moe is not None:
             result.update(balance_statistics(config, workdir))
     return result
+
+
+def held_out_answer_loss(evals: list[dict]) -> dict:
+    """Mean answer-token loss over the held-out ``instruct_synth`` families the run scored (zero-shot
+    for an instruction-tuned model), and its fall from the step-0 evaluation."""
+    keys = [f"eval_answer_loss/{family}" for family in instruct_synth.HELD_OUT_FAMILIES]
+    final = evals[-1]
+    if not all(key in final for key in keys):
+        return {}
+    out = {"held_out_answer_loss": float(np.mean([final[key] for key in keys]))}
+    if len(evals) > 1 and evals[0]["step"] == 0 and all(key in evals[0] for key in keys):
+        out["held_out_answer_loss_gain"] = (float(np.mean([evals[0][key] for key in keys]))
+                                            - out["held_out_answer_loss"])
+    return out
 
 
 def train_statistics(rows: list[dict]) -> dict:

@@ -25,7 +25,7 @@ SECTION = "S2"
 TITLE = "More experts at fixed compute (Shazeer et al. 2017, Table 7)"
 VARIANTS = ("e4", "e8", "e16", "e32", "e64", "e64_h")
 EXPERTS_PER_TOKEN = 4
-NUM_SEEDS = 1
+NUM_SEEDS = 2
 GROUP_LABEL = "experts"
 BASELINE_GROUP = "e4"
 COLUMNS = (("eval_loss", "val loss"), ("delta_eval_loss", "Δ loss vs E=4"),

@@ -10,11 +10,18 @@ One run alone (a fine-tuning run takes the pretraining run's workdir as ``init_f
       --workdir=runs/s5/it_moe
 
 A dense LM (FFN 2f) and a FLOP-matched MoE (top-2 of 8 experts of width f, Mixtral routing) are
-pretrained on ``stdlib_text`` (``pre_dense``, ``pre_moe``), then instruction-tuned on the
-``instruct_synth`` training families (``it_dense``, ``it_moe``) and scored by exact match of greedy
-answers on the held-out families (zero-shot) and on trained neighbours. Ablations of the MoE:
-``it_moe_freeze_router`` (router fixed during instruction tuning) and ``it_moe_no_aux`` (no
-auxiliary losses during instruction tuning).
+pretrained on ``stdlib_text`` (``pre_dense``, ``pre_moe``). From there, the three arms of Flan-MoE:
+
+(i) ``ft_dense``, ``ft_moe``: fine-tuned directly on one downstream task, ``TASK`` (a family held
+    out of instruction tuning; its ``task_<family>`` split, scored on ``eval_<family>``);
+(ii) ``it_dense``, ``it_moe``: instruction-tuned on the ten ``instruct_synth`` training families,
+    scored zero-shot on the held-out families;
+(iii) ``it_ft_dense``, ``it_ft_moe``: the instruction-tuned models, then fine-tuned on ``TASK`` as in (i).
+
+Ablations of the MoE's instruction tuning: ``it_moe_freeze_router`` (router fixed) and
+``it_moe_no_aux`` (no auxiliary losses). Every tuned run reports, on the same held-out examples,
+answer-token loss (teacher forcing; continuous, so it separates models while exact match is still
+zero) and exact match of greedy answers.
 """
 
 import importlib.util
@@ -28,16 +35,18 @@ _spec.loader.exec_module(sweeplib)
 SECTION = "S5"
 TITLE = "Flan-MoE in small (instruction tuning, zero-shot on held-out task families)"
 PRETRAIN = ("pre_dense", "pre_moe")
-TUNE = ("it_dense", "it_moe", "it_moe_freeze_router", "it_moe_no_aux")
-VARIANTS = PRETRAIN + TUNE
+INSTRUCT = ("it_dense", "it_moe", "it_moe_freeze_router", "it_moe_no_aux")
+TASK_TUNE = ("ft_dense", "ft_moe", "it_ft_dense", "it_ft_moe")
+VARIANTS = PRETRAIN + INSTRUCT + TASK_TUNE
 HELD_OUT = ("min", "subtract", "reverse_words")
-NEIGHBOURS = ("max", "add", "reverse")
-NUM_SEEDS = 1
+TASK = "min"
+NUM_SEEDS = 2
 GROUP_LABEL = "run"
-COLUMNS = (("eval_loss", "val loss"), ("eval_loss_gain", "val loss drop in this run")) + tuple(
-    (f"eval_exact_match/{family}", f"{family}{' (held out)' if family in HELD_OUT else ''}")
-    for family in HELD_OUT + NEIGHBOURS)
-PLOT = ("eval_loss", "eval_exact_match/min", "eval_exact_match/max")
+COLUMNS = ((("eval_loss", "val loss (own split)"),)
+           + tuple((f"eval_answer_loss/{family}", f"answer loss: {family}") for family in HELD_OUT)
+           + (("held_out_answer_loss_gain", "held-out answer loss drop in this run"),)
+           + tuple((f"eval_exact_match/{family}", f"exact match: {family}") for family in HELD_OUT))
+PLOT = (f"eval_answer_loss/{TASK}", "held_out_answer_loss_gain", f"eval_exact_match/{TASK}")
 PAPER = """\
 Shen et al. 2023 (Flan-MoE), as summarised in issue 7: instruction tuning helps MoE models more than
 dense models of the same FLOPs (their abstract: Flan-ST-MoE-32B surpasses Flan-PaLM-62B on four
@@ -62,18 +71,26 @@ def get_config(arg=None):
     if variant in PRETRAIN:
         return config
     if not args["init_from"]:
-        raise ValueError(f"s5_flan_moe.py: variant {variant!r} fine-tunes a pretrained run: pass "
-                         "init_from=<its workdir>")
+        raise ValueError(f"s5_flan_moe.py: variant {variant!r} fine-tunes another run: pass "
+                         f"init_from=<the workdir of {source_of(variant)}>")
     config.init_from = args["init_from"]
     config.freeze = "router" if variant.endswith("freeze_router") else "none"
     config.dataset = "instruct_synth"
+    if variant in TASK_TUNE:
+        config.train_split, config.eval_split = f"task_{TASK}", f"eval_{TASK}"
     config.seq_len = 128  # the longest instruction example
     config.optimizer.learning_rate = 1e-3
     config.optimizer.weight_decay = 0.0
     micro = size == "micro"
-    config.instruct_eval = dict(families=HELD_OUT + NEIGHBOURS, num_examples=2 if micro else 32,
+    config.instruct_eval = dict(families=HELD_OUT, num_examples=2 if micro else 32,
                                 max_new_tokens=4 if micro else 24, seed=2)
     return config
+
+
+def source_of(variant: str) -> str:
+    """The variant whose final parameters ``variant`` starts from."""
+    model = "moe" if "moe" in variant else "dense"
+    return f"it_{model}" if variant.startswith("it_ft_") else f"pre_{model}"
 
 
 def sweep(size="small"):
@@ -81,9 +98,8 @@ def sweep(size="small"):
     for seed in sweeplib.seeds_for(size, NUM_SEEDS):
         for variant in VARIANTS:
             arg = f"size={size},seed={seed},variant={variant}"
-            if variant in TUNE:
-                source = "pre_moe" if "moe" in variant else "pre_dense"
-                arg += f",init_from={source}_seed{seed}"
+            if variant not in PRETRAIN:
+                arg += f",init_from={source_of(variant)}_seed{seed}"
             runs.append(sweeplib.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
                                      arg=arg))
     return runs

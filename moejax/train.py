@@ -20,7 +20,9 @@ model/optimizer/state (``create_train_state``), checkpoint (resume or fine-tune 
 Losses: ``train_loss`` / ``eval_loss`` are the token cross-entropy (masked by the batch weights); the
 objective is that plus the MoE auxiliary losses (``train_aux_loss``). Instruction tuning (Flan-MoE):
 ``init_from`` = a run's workdir to start from its parameters, ``freeze`` in ``none | router |
-experts | non_expert``, and ``instruct_eval`` for exact-match accuracy per task family.
+experts | non_expert``, and ``instruct_eval`` for exact-match accuracy and answer-token loss per
+task family. ``train_split`` / ``eval_split`` choose the dataset's splits (single-task fine-tuning:
+``instruct_synth``'s ``task_<family>`` and ``eval_<family>``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ FREEZE_OPTIONS = ("none", "router", "experts", "non_expert")
 # not be silently ignored); ``model`` and ``moe`` hold TransformerConfig / MoEConfig fields.
 DEFAULTS = dict(
     dataset="stdlib_text",
+    train_split="train",
+    eval_split="validation",
     data_dir=None,
     text_key="text",
     seq_len=128,
@@ -126,10 +130,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         data_kwargs = dict(seq_len=config.seq_len, batch_size=local_batch,
                            data_dir=config.data_dir, process_index=jax.process_index(),
                            process_count=jax.process_count(), text_key=config.text_key)
-        train_iter = data_lib.create_iterator(config.dataset, split="train", seed=config.seed,
-                                              **data_kwargs)
-        eval_iter = data_lib.create_iterator(config.dataset, split="validation", seed=config.seed,
-                                             shuffle=False, **data_kwargs)
+        train_iter = data_lib.create_iterator(config.dataset, split=config.train_split,
+                                              seed=config.seed, **data_kwargs)
+        eval_iter = data_lib.create_iterator(config.dataset, split=config.eval_split,
+                                             seed=config.seed, shuffle=False, **data_kwargs)
         eval_start_state = eval_iter.get_state()
 
         # -------------------------------------------------------------- model, optimizer, state
@@ -206,6 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 result["eval_dropped_fraction"] = (sums["dropped_fraction"]
                                                    / num_batches).tolist()
             if config.instruct_eval is not None:
+                result.update(instruct_answer_loss(config, eval_step, state, rng_state, mesh, rules))
                 result.update(instruct_accuracy(config, setup.eval_graphdef, state, rng_state))
             return result
 
@@ -545,12 +550,50 @@ def token_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
 # ---------------------------------------------------------------------- instruction tuning
 
 
+def _instruct_families(config) -> tuple[str, ...]:
+    from moejax.data import instruct_synth
+
+    return tuple(config.instruct_eval.families or instruct_synth.HELD_OUT_FAMILIES)
+
+
+def instruct_answer_loss(config, eval_step, state, rng_state, mesh, rules) -> dict[str, float]:
+    """Mean answer-token cross-entropy (teacher forcing) per family of ``config.instruct_eval``.
+
+    The same examples as the exact-match score; a continuous measure of how close a model is to the
+    answers while exact match is still at zero. Batches of ``config.batch_size`` rows, the last one
+    padded with rows of weight 0; each process feeds its block of every batch.
+    """
+    from moejax.data import instruct_synth
+
+    ie = config.instruct_eval
+    local = config.batch_size // jax.process_count()
+    first = jax.process_index() * local
+    blank = {key: np.zeros_like(value) for key, value in
+             data_lib.instruct_row("", "", config.seq_len).items()}
+    out = {}
+    for family in _instruct_families(config):
+        rows = [data_lib.instruct_row(prompt, answer, config.seq_len)
+                for prompt, answer in instruct_synth.make_examples(family, ie.num_examples, ie.seed)]
+        ce_sum = weight_sum = 0.0
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start:start + config.batch_size]
+            chunk += [blank] * (config.batch_size - len(chunk))
+            mine = chunk[first:first + local]
+            batch = {key: np.stack([row[key] for row in mine]) for key in blank}
+            sums = jax.device_get(eval_step(state["params"], state["rest"], rng_state,
+                                            parallel.shard_batch(batch, mesh, rules)))
+            ce_sum += float(sums["ce_sum"])
+            weight_sum += float(sums["weight_sum"])
+        out[f"eval_answer_loss/{family}"] = ce_sum / weight_sum
+    return out
+
+
 def instruct_accuracy(config, eval_graphdef, state, rng_state) -> dict[str, float]:
     """Exact-match accuracy of greedy answers for each family of ``config.instruct_eval``."""
     from moejax.data import instruct_synth
 
     ie = config.instruct_eval
-    families = ie.families or instruct_synth.HELD_OUT_FAMILIES
+    families = _instruct_families(config)
     model = nnx.merge(eval_graphdef, state["params"], rng_state, state["rest"])
 
     def generate(prompts):

@@ -210,6 +210,16 @@ def test_every_family_has_its_own_eval_split(data_dir):
         assert set(_read(builder, f"eval_{family}", "family")) == {family}
 
 
+def test_every_family_has_a_task_split_for_single_task_fine_tuning(data_dir):
+    builder = data.load_builder("instruct_synth", data_dir)
+    for family in instruct_synth.FAMILIES:
+        assert builder.info.splits[f"task_{family}"].num_examples == instruct_synth.TASK_PER_FAMILY
+        assert set(_read(builder, f"task_{family}", "family")) == {family}
+    # Its own draw: not the evaluation examples of the same family.
+    task = set(_read(builder, "task_min", "prompt"))
+    assert not task & set(_read(builder, "eval_min", "prompt"))
+
+
 def test_exact_match_accuracy_counts_first_line_matches():
     examples = instruct_synth.make_examples("add", 4, seed=9)
     answers = {prompt: answer for prompt, answer in examples}

@@ -36,14 +36,15 @@ def test_every_run_of_a_sweep_builds_a_valid_model_config(name, size):
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sweep_tables_only_name_columns_the_runner_produces_or_exact_match(name):
+def test_sweep_tables_only_name_columns_the_runner_produces(name):
     sweep = run_sweep.load_sweep(name)
     known = {"eval_loss", "eval_perplexity", "delta_eval_loss", "cv_importance", "cv_load",
              "max_over_mean_load", "train_dropped_fraction", "eval_dropped_fraction",
              "step_time_ms", "loss_spikes", "final_train_loss", "initial_eval_loss",
-             "eval_loss_gain"}
+             "eval_loss_gain", "held_out_answer_loss", "held_out_answer_loss_gain"}
     keys = [key for key, _ in sweep.COLUMNS]
-    assert all(key in known or key.startswith("eval_exact_match/") for key in keys)
+    assert all(key in known or key.startswith(("eval_exact_match/", "eval_answer_loss/"))
+               for key in keys)
     assert set(sweep.PLOT) <= set(keys)
 
 
@@ -79,3 +80,21 @@ def test_runner_trains_writes_json_table_plot_and_results_block_then_resumes(tmp
     # A second call trains nothing: the run's JSON exists.
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained a finished run"))
     run_sweep.run_sweep("s1_balancing", **kwargs)
+
+
+def test_flan_moe_chain_pretrain_instruct_then_task_tune_records_answer_losses(tmp_path):
+    kwargs = dict(size="micro", only="^(pre_moe|it_moe|it_ft_moe)_seed0$",
+                  workroot=str(tmp_path / "runs"), results_root=str(tmp_path / "results"),
+                  results_md=str(tmp_path / "RESULTS.md"))
+    run_sweep.run_sweep("s5_flan_moe", **kwargs)
+    runs = tmp_path / "results" / "s5_flan_moe-micro" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "it_ft_moe_seed0.json", "it_moe_seed0.json", "pre_moe_seed0.json"]
+    it_ft = json.loads((runs / "it_ft_moe_seed0.json").read_text())
+    assert it_ft["config"]["init_from"] == str(tmp_path / "runs" / "s5_flan_moe-micro" / "it_moe_seed0")
+    assert it_ft["config"]["train_split"] == "task_min"
+    for record in (it_ft, json.loads((runs / "it_moe_seed0.json").read_text())):
+        losses = [record[f"eval_answer_loss/{family}"] for family in ("min", "subtract", "reverse_words")]
+        assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+        assert math.isclose(record["held_out_answer_loss"], sum(losses) / 3)
+        assert math.isfinite(record["held_out_answer_loss_gain"])

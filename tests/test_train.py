@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import scipy.special
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
@@ -252,6 +253,49 @@ def test_instruction_tuning_with_a_frozen_router_changes_experts_but_not_the_rou
                                       before["layers"][layer]["ffn"]["router"]["w_router"])
         assert not np.array_equal(after["layers"][layer]["ffn"]["experts"]["w_in"],
                                   before["layers"][layer]["ffn"]["experts"]["w_in"])
+
+
+def _answer_loss_reference(model, family, n, seed):
+    """Mean cross-entropy over answer and EOS tokens, each example alone and unpadded, in NumPy."""
+    from moejax import data
+    from moejax.data import instruct_synth
+
+    total, count = 0.0, 0
+    for prompt, answer in instruct_synth.make_examples(family, n, seed):
+        prompt_ids, answer_ids = data.encode(prompt), data.encode(answer)
+        tokens = np.concatenate([[data.BOS_ID], prompt_ids, answer_ids, [data.EOS_ID]])
+        logits, _ = model(jnp.asarray(tokens[None, :-1], jnp.int32))
+        log_probs = scipy.special.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        answer_positions = np.arange(len(prompt_ids), len(tokens) - 1)
+        total -= log_probs[answer_positions, tokens[answer_positions + 1]].sum()
+        count += len(answer_positions)
+    return total / count
+
+
+def test_single_task_fine_tuning_reads_the_chosen_splits_and_scores_answer_loss(
+        smoke_workdir, tmp_path):
+    # 3 examples in batches of 8: one padded batch.
+    config = smoke_config(
+        dataset="instruct_synth", train_split="task_min", eval_split="eval_min", seq_len=128,
+        num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, init_from=smoke_workdir,
+        instruct_eval=dict(families=("min", "max"), num_examples=3, max_new_tokens=2, seed=4))
+    summary = train.run(config, str(tmp_path))
+    model_config = train.make_model_config(train.complete_config(config))
+    model = Transformer(model_config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, restore_raw(str(tmp_path), 2))
+    nnx.update(model, params)
+    model.eval()
+    for family in ("min", "max"):
+        np.testing.assert_allclose(summary[f"eval_answer_loss/{family}"],
+                                   _answer_loss_reference(model, family, 3, seed=4), rtol=1e-4)
+    assert summary["eval_answer_loss/min"] != summary["eval_answer_loss/max"]
+
+
+def test_unknown_train_split_is_named_in_the_error(tmp_path):
+    config = smoke_config(dataset="instruct_synth", train_split="task_divide", seq_len=128)
+    with pytest.raises(ValueError, match="unknown split 'task_divide' of 'instruct_synth'"):
+        train.run(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("freeze", ["router", "experts", "non_expert"])

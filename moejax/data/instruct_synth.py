@@ -11,10 +11,11 @@ at most ``MAX_LEN`` tokens long. ``make_examples(family, n, seed)`` is determini
 a larger ``n`` extends a smaller one.
 
 TFDS builder splits (features ``prompt``, ``answer``, ``family``):
-``train`` (2000 examples per training family, seed 0), ``validation`` (100 per training family, seed 1) and
-``eval_<family>`` for every family, held-out ones included (200 examples, seed 2). Small input spaces
-(``add``: 10 000 operand pairs) mean an evaluation example may also occur in ``train``; the held-out families are
-unaffected.
+``train`` (2000 examples per training family, seed 0), ``validation`` (100 per training family, seed 1),
+``eval_<family>`` for every family, held-out ones included (200 examples, seed 2), and ``task_<family>`` for
+every family (2000 examples, seed 3): the training set of single-task fine-tuning, where a held-out family
+becomes the downstream task. Small input spaces (``add``, ``subtract``: 10 000 operand pairs) mean an
+evaluation example may also occur in a training split; the held-out families never occur in ``train``.
 """
 
 from __future__ import annotations
@@ -246,17 +247,18 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
 
 
-TRAIN_PER_FAMILY, VALIDATION_PER_FAMILY, EVAL_PER_FAMILY = 2000, 100, 200
-TRAIN_SEED, VALIDATION_SEED, EVAL_SEED = 0, 1, 2
+TRAIN_PER_FAMILY, VALIDATION_PER_FAMILY, EVAL_PER_FAMILY, TASK_PER_FAMILY = 2000, 100, 200, 2000
+TRAIN_SEED, VALIDATION_SEED, EVAL_SEED, TASK_SEED = 0, 1, 2, 3
 
 
 class InstructSynth(tfds.core.GeneratorBasedBuilder):
-    """Synthetic instruction-following tasks; held-out families only in their ``eval_<family>`` splits."""
+    """Synthetic instruction-following tasks; held-out families only in their own splits."""
 
     # tfds finds a packaged builder's source through `importlib_resources`, which it does not install.
     code_path = epath.Path(__file__)
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "train, validation, eval_<family>", "1.1.0": "task_<family> splits"}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -279,6 +281,7 @@ class InstructSynth(tfds.core.GeneratorBasedBuilder):
         }
         for family in FAMILIES:
             splits[f"eval_{family}"] = self._generate_examples((family,), EVAL_PER_FAMILY, EVAL_SEED)
+            splits[f"task_{family}"] = self._generate_examples((family,), TASK_PER_FAMILY, TASK_SEED)
         return splits
 
     def _generate_examples(self, families: Sequence[str], n: int, seed: int):
