@@ -40,7 +40,7 @@ TASK_TUNE = ("ft_dense", "ft_moe", "it_ft_dense", "it_ft_moe")
 VARIANTS = PRETRAIN + INSTRUCT + TASK_TUNE
 HELD_OUT = ("min", "subtract", "reverse_words")
 TASK = "min"
-NUM_SEEDS = 2
+NUM_SEEDS = 4
 GROUP_LABEL = "run"
 COLUMNS = ((("eval_loss", "val loss (own split)"),)
            + tuple((f"eval_answer_loss/{family}", f"answer loss: {family}") for family in HELD_OUT)

@@ -7,6 +7,10 @@ evaluation. A value that is a list of numbers (one per MoE layer) becomes Tensor
 A run resumed from step ``S`` first drops the rows after ``S`` (they came from work that is being
 redone) from ``metrics.jsonl`` and tells TensorBoard to purge its events after ``S``, so both read
 like one uninterrupted run. Only process 0 writes; other processes get a writer that does nothing.
+
+A remote workdir (``gs://...``) gets both through a local :class:`moejax.paths.Mirror`: rows and events
+are written locally and copied up by ``flush()`` (the trainer calls it after every evaluation and
+checkpoint) and ``close()``.
 """
 
 from __future__ import annotations
@@ -18,39 +22,43 @@ from collections.abc import Mapping
 
 from tensorboardX import SummaryWriter
 
+from moejax import paths
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All rows of ``<workdir>/metrics.jsonl`` (empty if there is none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """All rows of ``<workdir>/metrics.jsonl`` (empty if there is none); ``workdir`` may be a URI."""
+    path = paths.resolve(workdir) / METRICS_FILE
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricsWriter:
     """Appends rows to ``metrics.jsonl`` and TensorBoard; ``resume_step`` = the step a run restarts at."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+        workdir = paths.resolve(workdir)
+        self.path = workdir / METRICS_FILE
+        self.tensorboard_dir = workdir / TENSORBOARD_DIR
         if not enabled:
             return
-        rows = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
-        with open(self.path, "w") as f:
+        self._mirror = paths.Mirror(workdir, fetch=(METRICS_FILE, TENSORBOARD_DIR))
+        self._local_path = os.fspath(self._mirror.local / METRICS_FILE)
+        rows = [row for row in read_metrics(self._mirror.local) if row["step"] <= resume_step]
+        with open(self._local_path, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=resume_step + 1,
-                                          flush_secs=30)
+        self._tensorboard = SummaryWriter(os.fspath(self._mirror.local / TENSORBOARD_DIR),
+                                          purge_step=resume_step + 1, flush_secs=30)
 
     def write(self, step: int, values: Mapping[str, float | list]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{name: _jsonable(value) for name, value in values.items()}}
-        with open(self.path, "a") as f:
+        with open(self._local_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for name, value in row.items():
             if name == "step":
@@ -65,10 +73,12 @@ class MetricsWriter:
     def flush(self) -> None:
         if self.enabled:
             self._tensorboard.flush()
+            self._mirror.sync()
 
     def close(self) -> None:
         if self.enabled:
             self._tensorboard.close()
+            self._mirror.close()
 
 
 def _jsonable(value):

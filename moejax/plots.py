@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
-import numpy as np  # noqa: E402
 
-from moejax.metrics_writer import read_metrics  # noqa: E402
+from moejax import paths
+from moejax.metrics_writer import read_metrics
 
 
-def plot_run(workdir: str) -> list[str]:
-    """Writes the plots into ``workdir``; returns their paths."""
+def plot_run(workdir: str | os.PathLike) -> list[str]:
+    """Writes the plots into ``workdir`` (a directory or a URI); returns their paths."""
+    workdir = paths.resolve(workdir)
     rows = read_metrics(workdir)
-    paths = [_plot_loss(rows, os.path.join(workdir, "loss.png"))]
+    written = [_plot_loss(rows, workdir / "loss.png")]
     load_rows = [row for row in rows if row.get("eval_expert_load")]
     if load_rows:
-        paths.append(_plot_expert_load(load_rows, os.path.join(workdir, "expert_load.png")))
-    return paths
+        written.append(_plot_expert_load(load_rows, workdir / "expert_load.png"))
+    return written
+
+
+def _save(fig: Figure, path: epath.Path) -> str:
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    return os.fspath(path)
 
 
 def _plot_loss(rows, path):
@@ -40,8 +49,7 @@ def _plot_loss(rows, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def _plot_expert_load(rows, path):
@@ -66,5 +74,4 @@ def _plot_expert_load(rows, path):
     cv.grid(alpha=0.3)
     cv.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)

@@ -40,13 +40,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from moejax import data as data_lib
-from moejax import parallel
+from moejax import parallel, paths
 from moejax.checkpoint import Checkpointer, restore_params
 from moejax.layers.config import MoEConfig
 from moejax.metrics_writer import MetricsWriter
@@ -107,9 +108,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     console = Console(quiet=not is_main, soft_wrap=True)
 
     # ------------------------------------------------------------------ workdir and logging
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths.resolve(workdir)
     _check_workdir(workdir)
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = workdir / "checkpoints"
 
     # ------------------------------------------------------------------ mesh
     mesh = parallel.make_mesh(**dict(config.mesh))
@@ -275,11 +276,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         writer.write(done, result)
                         final.update(result)
                         console.print(_eval_line(done, num_steps, result))
+                        writer.flush()
                         last_log = (done, time.perf_counter())
                     preempted = stop.requested(done)
                     if done % config.checkpoint_every_steps == 0 or done == num_steps or preempted:
                         checkpointer.save(done, nnx.to_pure_dict(state["params"]),
                                           _train_part(state), train_iter)
+                        writer.flush()
                     if preempted:
                         log_pending()
                         console.print(f"SIGTERM at step {done}: checkpoint saved to "
@@ -641,21 +644,22 @@ def _maybe_initialize_distributed(config) -> None:
         jax.distributed.initialize()
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir: epath.Path) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as error:
         raise ValueError(f"workdir {workdir} is not writable ({error.strerror or error})") from error
 
 
-def _checkpoint_dir_of(path: str) -> str:
-    """A run's workdir or its ``checkpoints`` directory -> the checkpoints directory."""
-    inner = os.path.join(path, "checkpoints")
-    return inner if os.path.isdir(inner) else path
+def _checkpoint_dir_of(path: str) -> epath.Path:
+    """A run's workdir or its ``checkpoints`` directory (either may be a URI) -> the checkpoints
+    directory."""
+    path = paths.resolve(path)
+    inner = path / "checkpoints"
+    return inner if inner.is_dir() else path
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -99,19 +99,20 @@ def restore_raw(workdir, step):
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
-def tensorboard_tags(workdir):
-    tags = set()
+def tensorboard_events(workdir):
     logdir = os.path.join(workdir, "tensorboard")
-    for name in os.listdir(logdir):
+    for name in sorted(os.listdir(logdir)):
         with open(os.path.join(logdir, name), "rb") as f:
             data = f.read()
         offset = 0
         while offset < len(data):  # TFRecord: length, crc, payload, crc
             (length,) = struct.unpack("<Q", data[offset: offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
-            tags.update(value.tag for value in event.summary.value)
+            yield event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
             offset += 16 + length
-    return tags
+
+
+def tensorboard_tags(workdir):
+    return {value.tag for event in tensorboard_events(workdir) for value in event.summary.value}
 
 
 # ---------------------------------------------------------------------- smoke run
@@ -234,6 +235,43 @@ def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(
     two = losses(str(tmp_path))
     assert [step for step, _ in two] == [0, 1, 2, 3, 3] == [step for step, _ in one]
     np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- object-storage workdir
+
+
+def test_a_gs_workdir_trains_like_a_local_one_and_resumes_from_the_bucket(smoke_workdir, tmp_path):
+    from fake_gcs import FakeGCSServer, install
+
+    root = tmp_path / "gcs"
+    with FakeGCSServer(root), install(root):
+        train.run(smoke_config(), "gs://bucket/run")
+        run = root / "bucket" / "run"
+        first = read_metrics(str(run))
+        assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
+        # Resuming reads the checkpoint, metrics and events back from the bucket.
+        train.run(smoke_config(num_train_steps=9), "gs://bucket/run")
+        train.run(smoke_config(num_train_steps=9, init_from="gs://bucket/run"),
+                  str(tmp_path / "tuned"))
+
+    local = read_metrics(smoke_workdir)
+    assert [row["step"] for row in first] == [row["step"] for row in local]
+    np.testing.assert_allclose([row.get("train_loss", row.get("eval_loss")) for row in first],
+                               [row.get("train_loss", row.get("eval_loss")) for row in local],
+                               rtol=1e-6)
+    resumed = read_metrics(str(run))
+    assert resumed[:len(first)] == first
+    assert [row["step"] for row in resumed if "eval_loss" in row] == [0, 3, 6, 9]
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6", "9"]
+    assert (run / "loss.png").stat().st_size > 0 and (run / "expert_load.png").stat().st_size > 0
+    steps = {event.step for event in tensorboard_events(str(run))
+             if any(value.tag == "train_loss" for value in event.summary.value)}
+    assert steps == set(range(1, 10))
+    # Fine-tuning from the bucket starts at the bucket's step-9 parameters.
+    final_eval = [row for row in resumed if "eval_loss" in row][-1]
+    tuned_start = read_metrics(str(tmp_path / "tuned"))[0]
+    assert tuned_start["step"] == 0
+    assert tuned_start["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------- instruction tuning
