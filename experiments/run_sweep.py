@@ -8,7 +8,8 @@ trains with ``moejax.train.run`` in ``runs/sweeps/<sweep>-<size>/<run>/`` and it
 a run whose JSON exists is skipped, so an interrupted sweep resumes. Then the runs of one setting
 (several seeds) are pooled, mean and standard deviation, into ``results.json``, ``table.md`` and
 ``<sweep>.png``, and the block between ``<!-- BEGIN <sweep> -->`` and ``<!-- END <sweep> -->`` in
-``experiments/RESULTS.md`` is replaced by the generated table: no number there is typed by hand.
+``experiments/RESULTS.md`` (``<sweep>-<size>`` for sizes other than ``small``) is replaced by the
+generated table: no number there is typed by hand.
 
 Per run: final validation loss and perplexity (and its drop from the step-0 evaluation), median
 training step time (compilation excluded), dropped-token fraction, per-family exact match and
@@ -338,7 +339,8 @@ def run_sweep(name: str, *, size: str = "small", only: str | None = None,
     if rows:
         plot(rows, columns, sweep.PLOT, f"{sweep.SECTION}: {sweep.TITLE} (size={size})",
              os.path.join(out_dir, f"{name}.png"))
-    replace_block(results_md, name,
+    # The committed size=small results fill <!-- BEGIN name -->; another size its own <name>-<size> block.
+    replace_block(results_md, name if size == "small" else f"{name}-{size}",
                   section(sweep, name, size, table, results, out_dir, results_md))
     return pooled
 
@@ -346,7 +348,7 @@ def run_sweep(name: str, *, size: str = "small", only: str | None = None,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep config in experiments/, e.g. s1_balancing")
-    parser.add_argument("--size", default="small", choices=("micro", "small", "full"))
+    parser.add_argument("--size", default="small", choices=("micro", "small", "long", "full"))
     parser.add_argument("--only", default=None, help="run only the runs whose name matches")
     parser.add_argument("--workroot", default=None, help="where run workdirs go (runs/sweeps)")
     args = parser.parse_args(argv)

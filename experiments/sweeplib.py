@@ -4,8 +4,10 @@ A sweep config (``experiments/s1_balancing.py``, ...) is an ml_collections confi
 ``get_config(arg)`` for one run (so ``python -m moejax.main --config=experiments/s1_balancing.py:seed=1``
 trains it alone) and ``sweep(size)`` listing the runs that ``experiments/run_sweep.py`` executes.
 
-Sizes: ``micro`` (2 steps; the tests), ``small`` (the committed results: minutes on 2 CPU cores) and
-``full`` (d_model 128, 4 layers, sequence 128, batch 32, 2000 steps; not timed yet).
+Sizes: ``micro`` (2 steps; the tests), ``small`` (the committed results: minutes on 2 CPU cores),
+``long`` (the small model trained 4x longer, 1000 steps: the check of whether a trend changes with
+training length) and ``full`` (d_model 128, 4 layers, sequence 128, batch 32, 2000 steps; hours on 2
+CPU cores, not run here).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-SIZES = ("micro", "small", "full")
+SIZES = ("micro", "small", "long", "full")
 
 # The platform's grouped-matmul backend (the XLA-only ``cpu`` path on a CPU).
 GMM_BACKEND = "auto"
@@ -23,6 +25,7 @@ GMM_BACKEND = "auto"
 _SHAPES = {
     "micro": (16, 8, 2, 32, 2, 2, 1, 1),
     "small": (64, 16, 250, 64, 2, 2, 25, 8),
+    "long": (64, 16, 1000, 64, 2, 2, 100, 8),
     "full": (128, 32, 2000, 128, 4, 4, 100, 16),
 }
 

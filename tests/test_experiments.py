@@ -23,7 +23,7 @@ def test_there_is_one_sweep_per_result_s1_to_s5():
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-@pytest.mark.parametrize("size", ["micro", "small", "full"])
+@pytest.mark.parametrize("size", ["micro", "small", "long", "full"])
 def test_every_run_of_a_sweep_builds_a_valid_model_config(name, size):
     sweep = run_sweep.load_sweep(name)
     runs = sweep.sweep(size)
@@ -62,7 +62,9 @@ def test_unknown_sweep_name_lists_the_available_ones():
 def test_runner_trains_writes_json_table_plot_and_results_block_then_resumes(tmp_path,
                                                                              monkeypatch):
     results_md = tmp_path / "RESULTS.md"
-    results_md.write_text("# R\n<!-- BEGIN s1_balancing -->\nold\n<!-- END s1_balancing -->\ntail\n")
+    # size=small results fill the s1_balancing block; other sizes a block of their own.
+    results_md.write_text("# R\n<!-- BEGIN s1_balancing -->\nsmall\n<!-- END s1_balancing -->\n"
+                          "<!-- BEGIN s1_balancing-micro -->\nold\n<!-- END s1_balancing-micro -->\ntail\n")
     kwargs = dict(size="micro", only="imp0.1_load0.1", workroot=str(tmp_path / "runs"),
                   results_root=str(tmp_path / "results"), results_md=str(results_md))
     pooled = run_sweep.run_sweep("s1_balancing", **kwargs)
@@ -76,6 +78,8 @@ def test_runner_trains_writes_json_table_plot_and_results_block_then_resumes(tmp
     assert "| 0.1, 0.1 | 1 |" in (out / "table.md").read_text()
     text = results_md.read_text()
     assert "old" not in text and "| 0.1, 0.1 | 1 |" in text and text.endswith("tail\n")
+    assert "<!-- BEGIN s1_balancing -->\nsmall\n<!-- END s1_balancing -->" in text
+    assert "--size=micro" in text
 
     # A second call trains nothing: the run's JSON exists.
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained a finished run"))
