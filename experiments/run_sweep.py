@@ -11,6 +11,9 @@ a run whose JSON exists is skipped, so an interrupted sweep resumes. Then the ru
 ``experiments/RESULTS.md`` (``<sweep>-<size>`` for sizes other than ``small``) is replaced by the
 generated table: no number there is typed by hand.
 
+A sweep may also list ``COMPARISONS``: differences between settings computed per seed (paired), then
+pooled, in a second table.
+
 Per run: final validation loss and perplexity (and its drop from the step-0 evaluation), median
 training step time (compilation excluded), dropped-token fraction, per-family exact match and
 answer-token loss of instruction-tuned runs (with the held-out families' mean and its drop), and,
@@ -221,6 +224,34 @@ def pool(results: list[dict], columns, baseline_group: str | None = None) -> lis
     return rows
 
 
+def paired_differences(results: list[dict], comparisons) -> list[dict]:
+    """Per seed, ``sum(key of plus groups) - sum(key of minus groups)``; mean and std over the seeds
+    that have every term. ``comparisons``: ``(label, key, plus_groups, minus_groups)`` tuples."""
+    by_seed: dict[int, dict[str, dict]] = {}
+    for result in results:
+        by_seed.setdefault(result["seed"], {})[result["group"]] = result
+    rows = []
+    for label, key, plus, minus in comparisons:
+        values = []
+        for groups in by_seed.values():
+            terms = [groups.get(g, {}).get(key) for g in plus + minus]
+            if all(t is not None and math.isfinite(t) for t in terms):
+                values.append(sum(terms[:len(plus)]) - sum(terms[len(plus):]))
+        stat = ({"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+                if values else None)
+        rows.append({"label": label, "key": key, "plus": list(plus), "minus": list(minus),
+                     "value": stat})
+    return rows
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| comparison (paired by seed) | seeds | value |", "|---|---|---|"]
+    for row in rows:
+        seeds = row["value"]["n"] if row["value"] else 0
+        lines.append(f"| {row['label']} | {seeds} | {_cell(row['value'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(stat) -> str:
     if stat is None:
         return "—"
@@ -332,6 +363,9 @@ def run_sweep(name: str, *, size: str = "small", only: str | None = None,
     table = markdown_table(rows, columns, getattr(sweep, "GROUP_LABEL", "setting"))
     pooled = {"sweep": name, "size": size, "section": sweep.SECTION, "title": sweep.TITLE,
               "total_wall_s": sum(r["wall_s"] for r in results), "groups": rows}
+    if getattr(sweep, "COMPARISONS", None):
+        pooled["comparisons"] = paired_differences(results, sweep.COMPARISONS)
+        table += "\n" + comparison_table(pooled["comparisons"])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(pooled, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

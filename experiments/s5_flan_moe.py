@@ -47,6 +47,26 @@ COLUMNS = ((("eval_loss", "val loss (own split)"),)
            + (("held_out_answer_loss_gain", "held-out answer loss drop in this run"),)
            + tuple((f"eval_exact_match/{family}", f"exact match: {family}") for family in HELD_OUT))
 PLOT = (f"eval_answer_loss/{TASK}", "held_out_answer_loss_gain", f"eval_exact_match/{TASK}")
+_MIN = f"eval_answer_loss/{TASK}"
+# Differences per seed (plus groups minus minus groups); negative = the MoE's loss is lower.
+COMPARISONS = (
+    (f"(i) single-task fine-tuning, answer loss on {TASK}: MoE − dense", _MIN, ("ft_moe",),
+     ("ft_dense",)),
+    ("(ii) instruction tuning, held-out answer loss (zero-shot): MoE − dense",
+     "held_out_answer_loss", ("it_moe",), ("it_dense",)),
+    ("(ii) instruction tuning, held-out answer loss drop: MoE − dense",
+     "held_out_answer_loss_gain", ("it_moe",), ("it_dense",)),
+    (f"(iii) instruction tuning then fine-tuning, answer loss on {TASK}: MoE − dense", _MIN,
+     ("it_ft_moe",), ("it_ft_dense",)),
+    (f"what instruction tuning first adds to fine-tuning (answer loss on {TASK}, (i) − (iii)): "
+     "dense", _MIN, ("ft_dense",), ("it_ft_dense",)),
+    (f"what instruction tuning first adds to fine-tuning (answer loss on {TASK}, (i) − (iii)): "
+     "MoE", _MIN, ("ft_moe",), ("it_ft_moe",)),
+    ("ablation: frozen router − trained router, held-out answer loss", "held_out_answer_loss",
+     ("it_moe_freeze_router",), ("it_moe",)),
+    ("ablation: no auxiliary losses − with, held-out answer loss", "held_out_answer_loss",
+     ("it_moe_no_aux",), ("it_moe",)),
+)
 PAPER = """\
 Shen et al. 2023 (Flan-MoE), as summarised in issue 7: instruction tuning helps MoE models more than
 dense models of the same FLOPs (their abstract: Flan-ST-MoE-32B surpasses Flan-PaLM-62B on four

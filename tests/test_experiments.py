@@ -48,6 +48,29 @@ def test_sweep_tables_only_name_columns_the_runner_produces(name):
     assert set(sweep.PLOT) <= set(keys)
 
 
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_comparisons_name_groups_of_the_sweep(name):
+    sweep = run_sweep.load_sweep(name)
+    groups = {run.group for run in sweep.sweep("small")}
+    for _, _, plus, minus in getattr(sweep, "COMPARISONS", ()):
+        assert set(plus) | set(minus) <= groups
+
+
+def test_paired_differences_pair_runs_by_seed_and_skip_incomplete_seeds():
+    def run(group, seed, loss):
+        return {"group": group, "seed": seed, "loss": loss}
+
+    results = [run("a", 0, 3.0), run("b", 0, 1.0), run("c", 0, 0.5),
+               run("a", 1, 5.0), run("b", 1, 2.0), run("c", 1, 1.0),
+               run("a", 2, 9.0)]  # seed 2 lacks b and c: left out
+    rows = run_sweep.paired_differences(results, [("a - b", "loss", ("a",), ("b",)),
+                                                  ("a + c - b", "loss", ("a", "c"), ("b",))])
+    # a - b per seed: 2, 3 -> mean 2.5, std 0.5; a + c - b: 2.5, 4 -> 3.25, 0.75.
+    assert [row["value"] for row in rows] == [{"mean": 2.5, "std": 0.5, "n": 2},
+                                              {"mean": 3.25, "std": 0.75, "n": 2}]
+    assert "| a - b | 2 | 2.500 ± 0.500 |" in run_sweep.comparison_table(rows)
+
+
 def test_unknown_config_argument_is_rejected():
     sweep = run_sweep.load_sweep("s1_balancing")
     with pytest.raises(ValueError, match="w_loadd"):
