@@ -294,7 +294,11 @@ def test_instruction_tuning_with_a_frozen_router_changes_experts_but_not_the_rou
 
 
 def _answer_loss_reference(model, family, n, seed):
-    """Mean cross-entropy over answer and EOS tokens, each example alone and unpadded, in NumPy."""
+    """Mean cross-entropy over answer and EOS tokens, each example alone, in NumPy.
+
+    Each example is followed by filler tokens up to ``max_len`` (one compiled shape); the model is
+    causal, so they do not change the logits of the example's own positions.
+    """
     from moejax import data
     from moejax.data import instruct_synth
 
@@ -302,7 +306,9 @@ def _answer_loss_reference(model, family, n, seed):
     for prompt, answer in instruct_synth.make_examples(family, n, seed):
         prompt_ids, answer_ids = data.encode(prompt), data.encode(answer)
         tokens = np.concatenate([[data.BOS_ID], prompt_ids, answer_ids, [data.EOS_ID]])
-        logits, _ = model(jnp.asarray(tokens[None, :-1], jnp.int32))
+        inputs = np.full(model.config.max_len, 7, np.int32)
+        inputs[:len(tokens) - 1] = tokens[:-1]
+        logits, _ = model(jnp.asarray(inputs[None]))
         log_probs = scipy.special.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
         answer_positions = np.arange(len(prompt_ids), len(tokens) - 1)
         total -= log_probs[answer_positions, tokens[answer_positions + 1]].sum()
