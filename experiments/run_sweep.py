@@ -305,7 +305,7 @@ def section(sweep, name: str, size: str, table: str, results: list[dict], out_di
     lines = [f"Command: `{command}` — {len(results)} runs, measured {total_s / 60:.1f} min of "
              f"training on this machine (2 CPU cores shared with other work).", "",
              f"Ours (size={size}; mean ± std over seeds):", "", table]
-    if getattr(sweep, "PAPER", None):
+    if getattr(sweep, "PAPER", None) and size == "small":  # once per section
         lines += ["Paper:", "", sweep.PAPER]
     lines += [f"![{name}]({rel}/{name}.png)", ""]
     return "\n".join(lines)

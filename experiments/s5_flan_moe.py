@@ -3,11 +3,13 @@
   python experiments/run_sweep.py s5_flan_moe              # size=small
   python experiments/run_sweep.py s5_flan_moe --size=full
 
-One run alone (a fine-tuning run takes the pretraining run's workdir as ``init_from``):
+One run alone (a tuning run takes the workdir of the run it starts from as ``init_from``):
 
   python -m moejax.main --config=experiments/s5_flan_moe.py:variant=pre_moe --workdir=runs/s5/pre_moe
   python -m moejax.main --config=experiments/s5_flan_moe.py:variant=it_moe,init_from=runs/s5/pre_moe \
       --workdir=runs/s5/it_moe
+  python -m moejax.main --config=experiments/s5_flan_moe.py:variant=it_ft_moe,init_from=runs/s5/it_moe \
+      --workdir=runs/s5/it_ft_moe
 
 A dense LM (FFN 2f) and a FLOP-matched MoE (top-2 of 8 experts of width f, Mixtral routing) are
 pretrained on ``stdlib_text`` (``pre_dense``, ``pre_moe``). From there, the three arms of Flan-MoE:
