@@ -26,6 +26,6 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None,
-                 deterministic: bool = False):
+                 token_mask: jax.Array | None = None, deterministic: bool = False):
         layer = bridge.ToLinen(_NNXMoE, args=(self.config,), name="layer")
-        return layer(x, token_ids=token_ids, deterministic=deterministic)
+        return layer(x, token_ids=token_ids, token_mask=token_mask, deterministic=deterministic)

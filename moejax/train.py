@@ -18,11 +18,13 @@ model/optimizer/state (``create_train_state``), checkpoint (resume or fine-tune 
 * ``loss.png``, ``expert_load.png`` — plots drawn at the end.
 
 Losses: ``train_loss`` / ``eval_loss`` are the token cross-entropy (masked by the batch weights); the
-objective is that plus the MoE auxiliary losses (``train_aux_loss``). Instruction tuning (Flan-MoE):
-``init_from`` = a run's workdir to start from its parameters, ``freeze`` in ``none | router |
-experts | non_expert``, and ``instruct_eval`` for exact-match accuracy and answer-token loss per
-task family. ``train_split`` / ``eval_split`` choose the dataset's splits (single-task fine-tuning:
-``instruct_synth``'s ``task_<family>`` and ``eval_<family>``).
+objective is that plus the MoE auxiliary losses (``train_aux_loss``). The MoE layers get
+``token_mask = inputs != PAD_ID``: padding is routed nowhere and counts in no MoE loss or metric.
+Instruction tuning (Flan-MoE): ``init_from`` = a run's workdir to start from its parameters,
+``freeze`` in ``none | router | experts | non_expert``, and ``instruct_eval`` for exact-match
+accuracy and answer-token loss per task family. ``train_split`` / ``eval_split`` choose the
+dataset's splits (single-task fine-tuning: ``instruct_synth``'s ``task_<family>`` and
+``eval_<family>``).
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         @jax.jit
         def eval_step(params, rest, rng_state, batch):
             model = nnx.merge(setup.eval_graphdef, params, rng_state, rest)
-            logits_BxLxV, aux = model(batch["inputs"])
+            logits_BxLxV, aux = model(batch["inputs"], token_mask=_token_mask(batch))
             ce_sum, weight_sum = token_cross_entropy(logits_BxLxV, batch["targets"],
                                                      batch["weights"])
             out = {"ce_sum": ce_sum, "weight_sum": weight_sum}
@@ -450,7 +452,7 @@ def make_train_step(setup: TrainSetup, base_key: jax.Array, *, router_bias_rate:
 
     def loss_fn(params, rest, rng_state, batch, key):
         model = nnx.merge(graphdef, params, rng_state, rest)
-        logits_BxLxV, aux = model(batch["inputs"], rngs=key)
+        logits_BxLxV, aux = model(batch["inputs"], token_mask=_token_mask(batch), rngs=key)
         ce_sum, weight_sum = token_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
         ce = ce_sum / jnp.maximum(weight_sum, 1.0)
         return ce + aux.total_loss, (ce, aux)
@@ -539,6 +541,11 @@ def _sharded_opt_init(tx, params, mesh):
 
 def _train_part(state):
     return {k: v for k, v in state.items() if k != "params"}
+
+
+def _token_mask(batch):
+    """Real tokens of the inputs: padded instruction rows route no padding (packed text has none)."""
+    return batch["inputs"] != data_lib.PAD_ID
 
 
 def token_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):

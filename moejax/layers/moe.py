@@ -9,6 +9,12 @@ Under ``moejax.parallel.use_mesh``, dropless and capacity dispatch run per devic
 split over the ``expert`` mesh axis (``moejax.parallel.expert``); capacity then applies to each
 device's tokens (GShard's groups), so it drops exactly as on one device only when nothing drops.
 
+``moe(x, token_mask=mask)`` (bool, x's batch shape, True = a real token) leaves padding out: a masked
+token is dispatched to no expert (takes no capacity slot), its output is exactly 0 (shared experts
+included) and it counts in no auxiliary loss and no metric (means run over the real tokens).
+Capacity dispatch keeps its static buffer ``C`` from all T tokens, so masked tokens leave slots free
+for real ones; expert choice fills ``expert_choice_capacity`` of the real-token count per expert.
+
 Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` toggle ``Router.deterministic``; routing
 noise and input jitter are drawn only in training, from the ``router`` rng stream.
 """
@@ -26,6 +32,7 @@ from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
 from moejax.layers.experts import Experts, SharedExperts, param
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
+from moejax.ops.routing.common import mask_assigned, zero_masked
 from moejax.parallel import constrain, expert_parallel_layout
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
@@ -105,8 +112,8 @@ class Router(nnx.Module):
             return stream()
         return stream
 
-    def __call__(self, x_TxD, *, token_ids_T=None, sequence_length=None, deterministic=None,
-                 rngs=None):
+    def __call__(self, x_TxD, *, token_ids_T=None, token_mask_T=None, sequence_length=None,
+                 deterministic=None, rngs=None):
         c = self.config
         train = not (self.deterministic if deterministic is None else deterministic)
         name = c.router
@@ -121,39 +128,44 @@ class Router(nnx.Module):
         x = x_TxD.astype(jnp.float32)
         if train and c.router_jitter > 0 and name != "hash":
             x = R.jitter(x, jitter_key, c.router_jitter)
+        mask = dict(token_mask=token_mask_T)
         if name == "noisy_top_k":
-            return R.noisy_top_k(x, self.w_gate[...], self.w_noise[...], k, key=key, train=train)
+            return R.noisy_top_k(x, self.w_gate[...], self.w_noise[...], k, key=key, train=train,
+                                 **mask)
         if name == "hierarchical_noisy_top_k":
             k_primary = c.topk_groups or 1
             return R.hierarchical_noisy_top_k(
                 x, self.w_gate_primary[...], self.w_noise_primary[...],
                 self.w_gate_secondary[...], self.w_noise_secondary[...],
-                k_primary, k // k_primary, key=key, train=train,
+                k_primary, k // k_primary, key=key, train=train, **mask,
             )
         if name == "hash":
             if token_ids_T is None:
                 raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...)")
-            return R.hash_route(token_ids_T, self.table[...], k, num_experts=c.num_experts)
+            return R.hash_route(token_ids_T, self.table[...], k, num_experts=c.num_experts, **mask)
         logits_TxE = x @ self.w_router[...].astype(jnp.float32)
         if name == "softmax":
-            return R.softmax(logits_TxE)
+            return R.softmax(logits_TxE, **mask)
         if name == "top_k":
-            return R.top_k(logits_TxE, k, renormalize=c.renormalize)
+            return R.top_k(logits_TxE, k, renormalize=c.renormalize, **mask)
         if name == "switch":
-            return R.switch(logits_TxE)
+            return R.switch(logits_TxE, **mask)
         if name == "mixtral":
-            return R.mixtral(logits_TxE, k)
+            return R.mixtral(logits_TxE, k, **mask)
         if name == "gshard":
-            return R.gshard(logits_TxE, policy=c.gshard_policy if train else "all", key=key)
+            return R.gshard(logits_TxE, policy=c.gshard_policy if train else "all", key=key,
+                            **mask)
         if name == "deepseek_v3":
             return R.deepseek_v3(
                 logits_TxE, k, self.bias[...], routed_scaling_factor=c.routed_scaling_factor,
                 num_groups=c.num_expert_groups, topk_groups=c.topk_groups,
-                sequence_length=sequence_length,
+                sequence_length=sequence_length, **mask,
             )
         if name == "expert_choice":
             capacity = R.expert_choice_capacity(x.shape[0], c.num_experts, c.capacity_factor)
-            return R.expert_choice(logits_TxE, capacity)
+            active = None if token_mask_T is None else R.expert_choice_active_capacity(
+                token_mask_T, c.num_experts, c.capacity_factor)
+            return R.expert_choice(logits_TxE, capacity, active_capacity=active, **mask)
         raise ValueError(f"MoEConfig.router must be one of {sorted(R.ROUTERS)}, got {name!r}")
 
 
@@ -174,11 +186,14 @@ class MoE(nnx.Module):
             self.shared = SharedExperts(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None,
+                 token_mask: jax.Array | None = None,
                  deterministic: bool | None = None,
                  rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None):
         """Routes ``x`` [..., d_model] through the experts; returns ``(y, aux)``.
 
         token_ids: int ids with x's batch shape (the hash router needs them).
+        token_mask: bool with x's batch shape, True = a real token (None: all are). Masked tokens
+          are not dispatched, get output 0 and count in no loss or metric (module docstring).
         deterministic: overrides ``router.deterministic`` (eval mode: no noise, no jitter).
         rngs: overrides the router's stored rng stream.
         """
@@ -198,12 +213,24 @@ class MoE(nnx.Module):
                     f"token_ids must have x's batch shape {batch_shape}, got {token_ids.shape}"
                 )
             token_ids_T = token_ids.reshape(num_tokens)
+        token_mask_T = None
+        if token_mask is not None:
+            shape, dtype = jnp.shape(token_mask), jnp.result_type(token_mask)
+            if shape != batch_shape or dtype != jnp.bool_:
+                raise ValueError(
+                    f"token_mask must be a bool array with x's batch shape {batch_shape} (True = a "
+                    f"real token), got {dtype} {shape}"
+                )
+            token_mask_T = constrain(jnp.reshape(token_mask, (num_tokens,)), ("batch",))
         sequence_length = batch_shape[-1] if len(batch_shape) >= 2 else None
-        routing = self.router(x_TxD, token_ids_T=token_ids_T, sequence_length=sequence_length,
-                              deterministic=deterministic, rngs=rngs)
-        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing)
+        routing = self.router(x_TxD, token_ids_T=token_ids_T, token_mask_T=token_mask_T,
+                              sequence_length=sequence_length, deterministic=deterministic,
+                              rngs=rngs)
+        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing, token_mask_T)
         if c.num_shared_experts:
             y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+        # Shared experts run on every row (static shapes); a masked token's output is 0 all the same.
+        y_TxD = zero_masked(y_TxD, token_mask_T)
         losses = {name: getattr(c, LOSS_WEIGHT_FIELDS[name]) * value
                   for name, value in routing.aux_losses.items()}
         metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
@@ -211,7 +238,7 @@ class MoE(nnx.Module):
         y = y_TxD.astype(c.dtype).reshape(*batch_shape, c.d_model)
         return y, MoEAux(losses, metrics)
 
-    def _dispatch(self, x_TxD, routing):
+    def _dispatch(self, x_TxD, routing, token_mask_T):
         c = self.config
         experts = self.experts
         if isinstance(routing, R.ExpertChoiceRouting):
@@ -225,7 +252,9 @@ class MoE(nnx.Module):
             return y_TxD, routing.metrics.get("unrouted_fraction", jnp.zeros((), jnp.float32))
         indices_TxK = routing.expert_indices
         weights_TxK = routing.combine_weights
-        assigned_TxK = weights_TxK != 0
+        # The routers give masked tokens weight 0; the mask is applied again so that no masked copy
+        # is ever dispatched, whatever its weight.
+        assigned_TxK = mask_assigned(weights_TxK != 0, token_mask_T, weights_TxK.shape[1])
         if c.dispatch == "dense":
             weights_TxE = dispatch_ops.dense_combine_weights(indices_TxK, weights_TxK,
                                                              c.num_experts)

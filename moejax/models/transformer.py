@@ -1,6 +1,7 @@
 """Decoder-only transformer LM whose FFN blocks may be MoE layers (flax.nnx).
 
-``logits_BxLxV, aux = Transformer(config, rngs=nnx.Rngs(0))(tokens_BxL)``. Each block is pre-norm:
+``logits_BxLxV, aux = Transformer(config, rngs=nnx.Rngs(0))(tokens_BxL, token_mask=mask_BxL)``.
+Each block is pre-norm:
 ``x += attention(rms_norm(x)); x += ffn(rms_norm(x))`` with rotary position embeddings (RoPE) and
 causal multi-head attention. Every ``moe_every``-th FFN (layers ``moe_every - 1``, ``2 * moe_every -
 1``, ...) is a :class:`moejax.MoE`; the others are dense MLPs. The dense baseline is the same model
@@ -8,7 +9,9 @@ with ``moe=None``.
 
 ``aux`` (:class:`LMAux`) sums each MoE auxiliary loss over the MoE layers (``aux.total_loss`` is the
 term to add to the LM loss) and stacks the routing metrics per MoE layer, e.g.
-``aux.metrics["tokens_per_expert"]`` is ``[num_moe_layers, E]``.
+``aux.metrics["tokens_per_expert"]`` is ``[num_moe_layers, E]``. ``token_mask`` (bool [B, L], True = a
+real token) goes to every MoE layer: padding is routed nowhere and counts in no MoE loss or metric.
+Attention stays causal and unmasked, so with right padding no real token ever attends to a pad.
 
 With ``scan_layers=True`` the layers are grouped into ``num_layers / moe_every`` identical periods
 (``moe_every - 1`` dense blocks, then one MoE block) whose parameters are stacked on a leading axis
@@ -201,11 +204,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.param_dtype)
         self.ffn = MoE(config.moe, rngs=rngs) if is_moe else DenseFFN(config, rngs=rngs)
 
-    def __call__(self, x_BxLxD, tokens_BxL, key):
+    def __call__(self, x_BxLxD, tokens_BxL, key, token_mask_BxL=None):
         x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD)).astype(x_BxLxD.dtype)
         h_BxLxD = self.ffn_norm(x_BxLxD)
         if self.is_moe:
-            y_BxLxD, aux = self.ffn(h_BxLxD, token_ids=tokens_BxL, rngs=key)
+            y_BxLxD, aux = self.ffn(h_BxLxD, token_ids=tokens_BxL, token_mask=token_mask_BxL,
+                                    rngs=key)
         else:
             y_BxLxD, aux = self.ffn(h_BxLxD), None
         x_BxLxD = constrain(x_BxLxD + y_BxLxD.astype(x_BxLxD.dtype), ("batch", "length", "embed"))
@@ -219,19 +223,20 @@ class Period(nnx.Module):
         self.blocks = nnx.List([Block(config, config.is_moe_layer(i), rngs=rngs)
                                 for i in range(config.period)])
 
-    def __call__(self, x_BxLxD, tokens_BxL, key):
+    def __call__(self, x_BxLxD, tokens_BxL, key, token_mask_BxL=None):
         auxes = []
         for i, block in enumerate(self.blocks):
             x_BxLxD, aux = block(x_BxLxD, tokens_BxL, None if key is None else
-                                 jax.random.fold_in(key, i))
+                                 jax.random.fold_in(key, i), token_mask_BxL)
             if aux is not None:
                 auxes.append(aux)
         return x_BxLxD, auxes
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: ``logits_BxLxV, aux = model(tokens_BxL, rngs=key)``.
+    """Decoder-only LM: ``logits_BxLxV, aux = model(tokens_BxL, token_mask=mask_BxL, rngs=key)``.
 
+    ``token_mask`` (bool [B, L] or None) marks the real tokens for the MoE layers (module docstring).
     ``rngs`` (a key) feeds the routers that draw noise in training (noisy top-k, GShard's random
     second expert, jitter); without it they use the ``router`` stream the model was built with.
     Attributes: ``embed`` [V, D], ``layers`` (a list of blocks, or one stacked :class:`Period`
@@ -262,21 +267,27 @@ class Transformer(nnx.Module):
         self.lm_head = param(rngs, (c.d_model, c.vocab_size), c.d_model, ("embed", "vocab"),
                              c.param_dtype)
 
-    def __call__(self, tokens_BxL: jax.Array, *, rngs: jax.Array | None = None):
+    def __call__(self, tokens_BxL: jax.Array, *, token_mask: jax.Array | None = None,
+                 rngs: jax.Array | None = None):
         c = self.config
         if tokens_BxL.ndim != 2 or tokens_BxL.shape[1] > c.max_len:
             raise ValueError(f"tokens must be int [batch, length] with length <= max_len = "
                              f"{c.max_len}, got shape {tokens_BxL.shape}")
+        if token_mask is not None and (jnp.shape(token_mask) != tokens_BxL.shape
+                                       or jnp.result_type(token_mask) != jnp.bool_):
+            raise ValueError(f"token_mask must be a bool array of the tokens' shape "
+                             f"{tokens_BxL.shape} (True = a real token), got "
+                             f"{jnp.result_type(token_mask)} {jnp.shape(token_mask)}")
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(c.dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
         if c.scan_layers:
-            x_BxLxD, auxes = self._scan(x_BxLxD, tokens_BxL, rngs)
+            x_BxLxD, auxes = self._scan(x_BxLxD, tokens_BxL, rngs, token_mask)
         else:
             auxes = []
             run = nnx.remat(_run_block) if c.remat else _run_block
             for i, block in enumerate(self.layers):
                 key = None if rngs is None else jax.random.fold_in(rngs, i)
-                x_BxLxD, aux = run(block, x_BxLxD, tokens_BxL, key)
+                x_BxLxD, aux = run(block, x_BxLxD, tokens_BxL, key, token_mask)
                 if aux is not None:
                     auxes.append(aux)
             auxes = _stack_aux(auxes)
@@ -299,13 +310,13 @@ class Transformer(nnx.Module):
         for block, tokens_per_expert_E in zip(moe_blocks, tokens_per_expert_LxE):
             block.ffn.update_router_bias(tokens_per_expert_E, rate)
 
-    def _scan(self, x_BxLxD, tokens_BxL, rngs):
+    def _scan(self, x_BxLxD, tokens_BxL, rngs, token_mask_BxL):
         c = self.config
         num_periods = c.num_layers // c.period
         keys = None if rngs is None else jax.random.split(rngs, num_periods)
 
         def step(x, period, key):
-            x, auxes = period(x, tokens_BxL, key)
+            x, auxes = period(x, tokens_BxL, key, token_mask_BxL)
             # One MoE layer per period at most: its aux (or nothing) is this step's output.
             return x, (auxes[0] if auxes else None)
 
@@ -320,8 +331,8 @@ class Transformer(nnx.Module):
         return x_BxLxD, LMAux(losses, dict(aux.metrics))
 
 
-def _run_block(block, x_BxLxD, tokens_BxL, key):
-    return block(x_BxLxD, tokens_BxL, key)
+def _run_block(block, x_BxLxD, tokens_BxL, key, token_mask_BxL):
+    return block(x_BxLxD, tokens_BxL, key, token_mask_BxL)
 
 
 def _stack_aux(auxes) -> LMAux:

@@ -10,16 +10,18 @@ Routers (``ROUTERS`` name -> function; look one up with ``get_router(name)``):
   switch(logits)                                          Fedus et al. 2021, top-1
   gshard(logits, *, policy, key)                          Lepikhin et al. 2020, top-2, Algorithm 1
   mixtral(logits, k=2)                                    Jiang et al. 2024, softmax over the top-k logits
-  expert_choice(logits, capacity)                         Zhou et al. 2022 (returns ExpertChoiceRouting)
+  expert_choice(logits, capacity, *, active_capacity)     Zhou et al. 2022 (ExpertChoiceRouting)
   deepseek_v3(logits, k, bias, *, routed_scaling_factor, num_groups, topk_groups, sequence_length)
   hash_route(token_ids, table, k=1, *, num_experts)       Roller et al. 2021 (registry name "hash")
 
 Helpers: ``jitter`` (Switch input jitter), ``batch_priority_order`` (V-MoE), ``update_bias``
-(DeepSeek-V3 bias rule), ``make_hash_table``, ``expert_choice_capacity``, and the shared
-``routing_metrics``, ``count_tokens_per_expert``, ``cv_squared``, ``load_balancing_loss``, ``z_loss``.
+(DeepSeek-V3 bias rule), ``make_hash_table``, ``expert_choice_capacity``,
+``expert_choice_active_capacity``, and the shared ``routing_metrics``, ``count_tokens_per_expert``,
+``cv_squared``, ``load_balancing_loss``, ``z_loss``, ``check_token_mask``.
 
 All router math is float32 whatever the input dtype. ``aux_losses`` are unweighted: the caller owns the
-weights.
+weights. Every router also takes ``token_mask`` (bool [T], True = a real token): masked tokens get combine
+weight 0 (never dispatched; expert choice never picks them) and are left out of every loss and metric.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable
 from moejax.ops.routing.common import (
     ExpertChoiceRouting,
     Routing,
+    check_token_mask,
     count_tokens_per_expert,
     cv_squared,
     load_balancing_loss,
@@ -36,7 +39,11 @@ from moejax.ops.routing.common import (
     z_loss,
 )
 from moejax.ops.routing.deepseek import deepseek_v3, update_bias
-from moejax.ops.routing.expert_choice_routing import expert_choice, expert_choice_capacity
+from moejax.ops.routing.expert_choice_routing import (
+    expert_choice,
+    expert_choice_active_capacity,
+    expert_choice_capacity,
+)
 from moejax.ops.routing.hash_layer import hash_route, make_hash_table
 from moejax.ops.routing.shazeer import hierarchical_noisy_top_k, noisy_top_k, softmax
 from moejax.ops.routing.token_choice import (
@@ -77,10 +84,12 @@ __all__ = [
     "ExpertChoiceRouting",
     "Routing",
     "batch_priority_order",
+    "check_token_mask",
     "count_tokens_per_expert",
     "cv_squared",
     "deepseek_v3",
     "expert_choice",
+    "expert_choice_active_capacity",
     "expert_choice_capacity",
     "get_router",
     "gshard",

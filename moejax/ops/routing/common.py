@@ -7,6 +7,11 @@ aux_losses, metrics)``; expert choice returns ``ExpertChoiceRouting`` (experts p
 ``aux_losses`` holds UNWEIGHTED scalar losses; the caller owns their weights. ``metrics`` always holds
 ``tokens_per_expert`` [E], ``max_load``, ``mean_load``, ``load_cv`` and ``router_entropy`` (see
 ``routing_metrics``).
+
+Token mask: every router takes an optional ``token_mask`` (bool [T], True = a real token, e.g. not
+padding). A masked token gets combine weight exactly 0 (so no dispatcher sends it anywhere), counts
+in no ``tokens_per_expert`` and is left out of every mean behind a loss or metric. ``None`` means
+every token is real and computes exactly what it did without the argument.
 """
 
 from __future__ import annotations
@@ -60,29 +65,73 @@ def count_tokens_per_expert(
     return jnp.sum(one_hot_TxKxE, axis=(0, 1))
 
 
-def routing_metrics(tokens_per_expert: jax.Array, probs: jax.Array) -> dict[str, jax.Array]:
+def check_token_mask(token_mask, num_tokens: int) -> jax.Array | None:
+    """``token_mask`` if it is None or a bool array of shape [T]; else ValueError naming it."""
+    if token_mask is None:
+        return None
+    shape, dtype = jnp.shape(token_mask), jnp.result_type(token_mask)
+    if shape != (num_tokens,) or dtype != jnp.bool_:
+        raise ValueError(
+            f"token_mask must be a bool array of shape [T] = ({num_tokens},) (True = a real token), "
+            f"got {dtype} {shape}"
+        )
+    return token_mask
+
+
+def mask_assigned(assigned_TxK: jax.Array | None, token_mask_T: jax.Array | None,
+                  k: int) -> jax.Array | None:
+    """The [T, k] slots that are real assignments: ``assigned_TxK`` and not a masked token's."""
+    if token_mask_T is None:
+        return assigned_TxK
+    num_tokens = token_mask_T.shape[0]
+    mask_TxK = jnp.broadcast_to(token_mask_T[:, None], (num_tokens, k))
+    return mask_TxK if assigned_TxK is None else assigned_TxK & mask_TxK
+
+
+def zero_masked(values_Tx: jax.Array, token_mask_T: jax.Array | None) -> jax.Array:
+    """``values`` with the rows of masked tokens set to exactly 0 (no gradient flows through them)."""
+    if token_mask_T is None:
+        return values_Tx
+    mask = token_mask_T.reshape(token_mask_T.shape + (1,) * (values_Tx.ndim - 1))
+    return jnp.where(mask, values_Tx, jnp.zeros((), values_Tx.dtype))
+
+
+def masked_mean(values_Tx: jax.Array, token_mask_T: jax.Array | None) -> jax.Array:
+    """Mean over the leading (token) axis, over the real tokens only (0 when there are none)."""
+    if token_mask_T is None:
+        return jnp.mean(values_Tx, axis=0)
+    count = jnp.sum(token_mask_T.astype(jnp.float32))
+    total = jnp.sum(zero_masked(values_Tx, token_mask_T), axis=0)
+    return total / jnp.maximum(count, 1.0)
+
+
+def routing_metrics(tokens_per_expert: jax.Array, probs: jax.Array,
+                    token_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """The metrics every router reports.
 
     Args:
       tokens_per_expert: float32 [E], assignments per expert (``count_tokens_per_expert``).
       probs: [T, E], each row the router's probability distribution over experts for one token.
+      token_mask: bool [T] or None; ``router_entropy`` averages over the real tokens only.
 
     Returns:
       ``tokens_per_expert``; ``max_load`` and ``mean_load`` (max and mean of it); ``load_cv``
       (population std / mean of it, 0 at perfect balance); ``router_entropy`` (mean over tokens of
-      -sum_i p_i log p_i, with 0 log 0 = 0). All float32, without gradient.
+      -sum_i p_i log p_i, with 0 log 0 = 0). All float32, without gradient. With nothing routed
+      (every token masked) ``load_cv`` is 0.
     """
     # Diagnostics only: no gradient (entr has an infinite slope at p = 0).
     load_E = jax.lax.stop_gradient(tokens_per_expert.astype(jnp.float32))
     probs_TxE = jax.lax.stop_gradient(probs.astype(jnp.float32))
     mean_load = jnp.mean(load_E)
     entropy_T = jnp.sum(jax.scipy.special.entr(probs_TxE), axis=-1)
+    safe_mean_load = jnp.where(mean_load == 0.0, 1.0, mean_load)
     return {
         "tokens_per_expert": load_E,
         "max_load": jnp.max(load_E),
         "mean_load": mean_load,
-        "load_cv": jnp.std(load_E) / mean_load,
-        "router_entropy": jnp.mean(entropy_T),
+        "load_cv": jnp.where(mean_load == 0.0, 0.0, jnp.std(load_E) / safe_mean_load),
+        "router_entropy": masked_mean(entropy_T, token_mask),
     }
 
 
@@ -97,21 +146,27 @@ def cv_squared(values: jax.Array) -> jax.Array:
     return jnp.where(mean == 0.0, 0.0, jnp.var(values) / safe_mean**2)
 
 
-def load_balancing_loss(probs: jax.Array, tokens_per_expert: jax.Array) -> jax.Array:
+def load_balancing_loss(probs: jax.Array, tokens_per_expert: jax.Array,
+                        token_mask: jax.Array | None = None) -> jax.Array:
     """Switch Transformer eq. 4-6 (generalised to k assignments per token): N * sum_i f_i * P_i.
 
-    f_i is the fraction of all assignments that went to expert i, P_i = mean over tokens of probs[:, i].
-    Equals 1 at perfect balance (f_i = P_i = 1/N); gradients flow through P only.
+    f_i is the fraction of all assignments that went to expert i, P_i = mean over tokens of probs[:, i]
+    (over the real tokens of ``token_mask``). Equals 1 at perfect balance (f_i = P_i = 1/N); gradients
+    flow through P only. Nothing assigned gives 0.
     """
     num_experts = probs.shape[-1]
-    f_E = tokens_per_expert / jnp.sum(tokens_per_expert)
-    p_E = jnp.mean(probs.astype(jnp.float32), axis=0)
+    total = jnp.sum(tokens_per_expert)
+    f_E = tokens_per_expert / jnp.where(total == 0.0, 1.0, total)
+    p_E = masked_mean(probs.astype(jnp.float32), token_mask)
     return num_experts * jnp.sum(f_E * p_E)
 
 
-def z_loss(logits: jax.Array) -> jax.Array:
-    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits_t)**2."""
-    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+def z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits_t)**2.
+
+    With ``token_mask`` the mean runs over the real tokens only.
+    """
+    return masked_mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2, token_mask)
 
 
 def check_int(value, name: str, *, low: int, high: int | None = None) -> int:

@@ -12,8 +12,11 @@ from moejax.ops.routing.common import (
     Routing,
     check_int,
     check_logits,
+    check_token_mask,
     count_tokens_per_expert,
+    mask_assigned,
     routing_metrics,
+    zero_masked,
 )
 
 
@@ -42,6 +45,7 @@ def deepseek_v3(
     num_groups: int = 1,
     topk_groups: int | None = None,
     sequence_length: int | None = None,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """DeepSeek-V3 routing with auxiliary-loss-free load balancing.
 
@@ -61,7 +65,8 @@ def deepseek_v3(
       L_Bal = sum_i f_i P_i                                                           (eq. 17)
       f_i = E / (K_r L) sum_t 1(expert i chosen for token t)                          (eq. 18)
       s'_{i,t} = s_{i,t} / sum_j s_{j,t},   P_i = (1 / L) sum_t s'_{i,t}              (eq. 19-20)
-    over the L tokens of one sequence; 1 at perfect balance.
+    over the L tokens of one sequence; 1 at perfect balance. With ``token_mask``, L is each sequence's
+    number of real tokens, and sequences without any are left out of the average.
 
     Args:
       logits: [T, E] floating, u_t^T e_i computed by the caller (float32 math).
@@ -73,6 +78,8 @@ def deepseek_v3(
         k <= topk_groups * E / num_groups; None means all groups.
       sequence_length: L; the T tokens are T / L consecutive sequences of L tokens. None treats all T
         tokens as one sequence (a batch-wise balance loss).
+      token_mask: bool [T], True = a real token; None = all tokens. Masked tokens get weight 0 and
+        count neither in the loss nor in ``tokens_per_expert`` (so neither in ``update_bias``).
 
     Returns:
       Routing: ``expert_indices`` [T, k] by descending s + b, ``combine_weights`` [T, k],
@@ -106,6 +113,7 @@ def deepseek_v3(
         raise ValueError(
             f"sequence_length must divide the number of tokens T = {num_tokens}, got {sequence_length}"
         )
+    token_mask = check_token_mask(token_mask, num_tokens)
 
     scores_TxE = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice_TxE = scores_TxE + bias_E[None, :]
@@ -118,16 +126,39 @@ def deepseek_v3(
     normalized_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
     chosen_TxE = jnp.sum(jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32), axis=1)
     num_sequences = num_tokens // sequence_length
-    f_BxE = (num_experts / (k * sequence_length)) * jnp.sum(
-        chosen_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1
+    if token_mask is None:
+        f_BxE = (num_experts / (k * sequence_length)) * jnp.sum(
+            chosen_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1
+        )
+        p_BxE = jnp.mean(normalized_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1)
+        sequence_balance = jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+    else:
+        real_Bx1 = jnp.sum(
+            token_mask.reshape(num_sequences, sequence_length).astype(jnp.float32), axis=1,
+            keepdims=True,
+        )
+        safe_real_Bx1 = jnp.maximum(real_Bx1, 1.0)
+        f_BxE = (num_experts / k) * jnp.sum(
+            zero_masked(chosen_TxE, token_mask).reshape(num_sequences, sequence_length, num_experts),
+            axis=1,
+        ) / safe_real_Bx1
+        p_BxE = jnp.sum(
+            zero_masked(normalized_TxE, token_mask).reshape(num_sequences, sequence_length,
+                                                            num_experts),
+            axis=1,
+        ) / safe_real_Bx1
+        has_real_B = real_Bx1[:, 0] > 0
+        per_sequence_B = jnp.where(has_real_B, jnp.sum(f_BxE * p_BxE, axis=-1), 0.0)
+        sequence_balance = jnp.sum(per_sequence_B) / jnp.maximum(
+            jnp.sum(has_real_B.astype(jnp.float32)), 1.0)
+    tokens_per_expert_E = count_tokens_per_expert(
+        expert_indices_TxK, num_experts, assigned=mask_assigned(None, token_mask, k)
     )
-    p_BxE = jnp.mean(normalized_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1)
-    sequence_balance = jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
     return Routing(
         expert_indices=expert_indices_TxK.astype(jnp.int32),
-        combine_weights=routed_scaling_factor * gates_TxK,
+        combine_weights=zero_masked(routed_scaling_factor * gates_TxK, token_mask),
         aux_losses={"sequence_balance": sequence_balance},
-        metrics=routing_metrics(count_tokens_per_expert(expert_indices_TxK, num_experts), normalized_TxE),
+        metrics=routing_metrics(tokens_per_expert_E, normalized_TxE, token_mask),
     )
 
 

@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.ops.routing.common import Routing, check_int, count_tokens_per_expert, routing_metrics
+from moejax.ops.routing.common import (
+    Routing,
+    check_int,
+    check_token_mask,
+    count_tokens_per_expert,
+    mask_assigned,
+    routing_metrics,
+    zero_masked,
+)
 
 
 def make_hash_table(vocab_size: int, num_experts: int, seed: int) -> jax.Array:
@@ -27,7 +35,8 @@ def make_hash_table(vocab_size: int, num_experts: int, seed: int) -> jax.Array:
 
 
 def hash_route(
-    token_ids: jax.Array, table: jax.Array, k: int = 1, *, num_experts: int
+    token_ids: jax.Array, table: jax.Array, k: int = 1, *, num_experts: int,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Hash-layer routing: token t goes to expert table[token_ids[t]] with gate 1.0 (Roller et al. 2021).
 
@@ -40,6 +49,8 @@ def hash_route(
       table: int [V], from ``make_hash_table``.
       k: experts per token, 1 <= k <= num_experts.
       num_experts: E, the number of experts the table was built for (static; shapes depend on it).
+      token_mask: bool [T], True = a real token; None = all tokens. Masked tokens get gates 0 and
+        count in no metric.
 
     Returns:
       Routing with ``aux_losses`` {} and ``metrics`` whose router distribution is the gates (entropy
@@ -57,15 +68,19 @@ def hash_route(
     num_experts = check_int(num_experts, "num_experts", low=1)
     k = check_int(k, "k", low=1, high=num_experts)
     num_tokens = token_ids.shape[0]
+    token_mask = check_token_mask(token_mask, num_tokens)
     first_T = table[token_ids].astype(jnp.int32)
     expert_indices_TxK = (first_T[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]) % num_experts
     gates_TxK = jnp.full((num_tokens, k), 1.0 / k, jnp.float32)
     probs_TxE = jnp.sum(
         jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32) * gates_TxK[..., None], axis=1
     )
+    tokens_per_expert_E = count_tokens_per_expert(
+        expert_indices_TxK, num_experts, assigned=mask_assigned(None, token_mask, k)
+    )
     return Routing(
         expert_indices=expert_indices_TxK,
-        combine_weights=gates_TxK,
+        combine_weights=zero_masked(gates_TxK, token_mask),
         aux_losses={},
-        metrics=routing_metrics(count_tokens_per_expert(expert_indices_TxK, num_experts), probs_TxE),
+        metrics=routing_metrics(tokens_per_expert_E, probs_TxE, token_mask),
     )

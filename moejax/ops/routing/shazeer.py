@@ -5,7 +5,9 @@
   estimator and load loss (eq. 8-11).
 - ``hierarchical_noisy_top_k``: the two-level hierarchical MoE of appendix B, eq. 12-14.
 
-Equation numbers are the paper's (arXiv:1701.06538). All router math runs in float32.
+Equation numbers are the paper's (arXiv:1701.06538). All router math runs in float32. Each takes an
+optional ``token_mask`` (bool [T]): masked tokens get combine weights 0 and are left out of the sums
+behind Importance and Load and of every metric.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from moejax.ops.routing.common import (
     check_int,
     check_key,
     check_logits,
+    check_token_mask,
     count_tokens_per_expert,
     cv_squared,
+    mask_assigned,
     routing_metrics,
+    zero_masked,
 )
 
 _KEY_REASON = (
@@ -36,11 +41,12 @@ def _matmul_f32(x, w):
     )
 
 
-def softmax(logits: jax.Array) -> Routing:
+def softmax(logits: jax.Array, *, token_mask: jax.Array | None = None) -> Routing:
     """Dense softmax gating, Shazeer 2017 eq. 2: G_sigma(x) = Softmax(x . W_g).
 
     Args:
       logits: [T, E] floating, x . W_g computed by the caller.
+      token_mask: bool [T], True = a real token; None = all tokens.
 
     Returns:
       Routing with k = E: ``expert_indices[t] = 0..E-1`` and ``combine_weights[t]`` = the softmax
@@ -48,16 +54,22 @@ def softmax(logits: jax.Array) -> Routing:
     """
     num_experts = check_logits(logits)
     num_tokens = logits.shape[0]
+    token_mask = check_token_mask(token_mask, num_tokens)
     probs_TxE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     expert_indices_TxE = jnp.broadcast_to(
         jnp.arange(num_experts, dtype=jnp.int32)[None, :], (num_tokens, num_experts)
     )
-    tokens_per_expert_E = jnp.full((num_experts,), float(num_tokens), jnp.float32)
+    if token_mask is None:
+        tokens_per_expert_E = jnp.full((num_experts,), float(num_tokens), jnp.float32)
+    else:
+        num_real = jnp.sum(token_mask.astype(jnp.float32))
+        tokens_per_expert_E = jnp.full((num_experts,), 1.0, jnp.float32) * num_real
+    gates_TxE = zero_masked(probs_TxE, token_mask)
     return Routing(
         expert_indices=expert_indices_TxE,
-        combine_weights=probs_TxE,
-        aux_losses={"importance": cv_squared(jnp.sum(probs_TxE, axis=0))},
-        metrics=routing_metrics(tokens_per_expert_E, probs_TxE),
+        combine_weights=gates_TxE,
+        aux_losses={"importance": cv_squared(jnp.sum(gates_TxE, axis=0))},
+        metrics=routing_metrics(tokens_per_expert_E, probs_TxE, token_mask),
     )
 
 
@@ -123,6 +135,7 @@ def noisy_top_k(
     key: jax.Array | None = None,
     train: bool = True,
     noise_epsilon: float = 0.0,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Noisy top-k gating with importance and load losses (Shazeer 2017, section 2.1 and appendix A).
 
@@ -154,6 +167,8 @@ def noisy_top_k(
       train: draw noise and use the smooth load estimator.
       noise_epsilon: added to the noise stddev, Softplus(x . W_noise) + noise_epsilon. 0.0 (default) is
         eq. 4 exactly; the paper's released code uses 1e-2 to keep the stddev away from 0.
+      token_mask: bool [T], True = a real token; None = all tokens. The noise is still drawn for
+        all T tokens (its shape is static).
 
     Returns:
       Routing: ``expert_indices`` [T, k] (top-k of H, descending), ``combine_weights`` [T, k]
@@ -168,6 +183,7 @@ def noisy_top_k(
     _check_noise_epsilon(noise_epsilon)
     if train:
         check_key(key, "noisy_top_k", _KEY_REASON)
+    token_mask = check_token_mask(token_mask, x.shape[0])
 
     clean_TxE = _matmul_f32(x, w_gate)
     if train:
@@ -178,13 +194,17 @@ def noisy_top_k(
     top_indices_TxK, top_gates_TxK, gates_TxE, p_TxE = _keep_top_k_gate(
         clean_TxE, noise_stddev_TxE, noise_TxE, k
     )
-    importance_E = jnp.sum(gates_TxE, axis=0)
-    load_E = jnp.sum(p_TxE, axis=0)
-    metrics = routing_metrics(count_tokens_per_expert(top_indices_TxK, num_experts), gates_TxE)
+    importance_E = jnp.sum(zero_masked(gates_TxE, token_mask), axis=0)
+    load_E = jnp.sum(zero_masked(p_TxE, token_mask), axis=0)
+    assigned_TxK = mask_assigned(None, token_mask, k)
+    metrics = routing_metrics(
+        count_tokens_per_expert(top_indices_TxK, num_experts, assigned=assigned_TxK), gates_TxE,
+        token_mask,
+    )
     metrics.update(jax.lax.stop_gradient({"importance": importance_E, "load": load_E}))
     return Routing(
         expert_indices=top_indices_TxK.astype(jnp.int32),
-        combine_weights=top_gates_TxK,
+        combine_weights=zero_masked(top_gates_TxK, token_mask),
         aux_losses={"importance": cv_squared(importance_E), "load": cv_squared(load_E)},
         metrics=metrics,
     )
@@ -202,6 +222,7 @@ def hierarchical_noisy_top_k(
     key: jax.Array | None = None,
     train: bool = True,
     noise_epsilon: float = 0.0,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Hierarchical noisy top-k gating (Shazeer 2017, appendix B): a groups of b experts, E = a * b.
 
@@ -233,7 +254,7 @@ def hierarchical_noisy_top_k(
       k_secondary: experts per chosen group, 1 <= k_secondary <= b.
       key: PRNG key, required when ``train``; ``jax.random.split(key)`` gives the primary and the
         secondary noise keys (``normal(k1, (T, a))``, ``normal(k2, (T, a, b))``).
-      train, noise_epsilon: as in ``noisy_top_k``.
+      train, noise_epsilon, token_mask: as in ``noisy_top_k``.
 
     Returns:
       Routing with k = k_primary * k_secondary: ``expert_indices[t]`` lists, for each chosen group in
@@ -260,6 +281,7 @@ def hierarchical_noisy_top_k(
     _check_noise_epsilon(noise_epsilon)
     if train:
         check_key(key, "hierarchical_noisy_top_k", _KEY_REASON)
+    token_mask = check_token_mask(token_mask, x.shape[0])
 
     num_tokens = x.shape[0]
     clean_TxA = _matmul_f32(x, w_gate_primary)
@@ -293,11 +315,13 @@ def hierarchical_noisy_top_k(
     )
 
     gates_TxAxB = primary_TxA[:, :, None] * secondary_TxAxB
-    importance_AxB = jnp.sum(gates_TxAxB, axis=0)
+    importance_AxB = jnp.sum(zero_masked(gates_TxAxB, token_mask), axis=0)
     # Membership from the chosen indices: a chosen group's softmax gate can underflow to exactly 0.
-    in_group_TxA = jnp.sum(jax.nn.one_hot(groups_TxKp, num_groups, dtype=jnp.float32), axis=1)
+    in_group_TxA = zero_masked(
+        jnp.sum(jax.nn.one_hot(groups_TxKp, num_groups, dtype=jnp.float32), axis=1), token_mask
+    )
     group_tokens_A = jnp.sum(in_group_TxA, axis=0)
-    load_primary_A = jnp.sum(p_primary_TxA, axis=0)
+    load_primary_A = jnp.sum(zero_masked(p_primary_TxA, token_mask), axis=0)
     load_secondary_AxB = jnp.sum(in_group_TxA[:, :, None] * p_secondary_TxAxB, axis=0)
     load_AxB = (
         load_primary_A[:, None] * load_secondary_AxB / jnp.maximum(group_tokens_A, 1.0)[:, None]
@@ -312,15 +336,17 @@ def hierarchical_noisy_top_k(
     combine_weights_TxK = (group_gates_TxKp[:, :, None] * chosen_gates_TxKpxKs).reshape(num_tokens, k)
     num_experts = num_groups * group_size
     metrics = routing_metrics(
-        count_tokens_per_expert(expert_indices_TxK, num_experts),
+        count_tokens_per_expert(expert_indices_TxK, num_experts,
+                                assigned=mask_assigned(None, token_mask, k)),
         gates_TxAxB.reshape(num_tokens, num_experts),
+        token_mask,
     )
     metrics.update(
         jax.lax.stop_gradient({"importance": importance_AxB.reshape(-1), "load": load_AxB.reshape(-1)})
     )
     return Routing(
         expert_indices=expert_indices_TxK.astype(jnp.int32),
-        combine_weights=combine_weights_TxK,
+        combine_weights=zero_masked(combine_weights_TxK, token_mask),
         aux_losses={"importance": cv_squared(importance_AxB), "load": cv_squared(load_AxB)},
         metrics=metrics,
     )

@@ -8,6 +8,9 @@ Every router here takes ``logits`` [T, E] (the caller computes x @ W_router), ru
   of the assignments that went to expert i, P_i the mean router probability of expert i over tokens;
   1 at perfect balance.
 - ``z_loss`` = mean over tokens of logsumexp(logits)**2 (ST-MoE eq. 5, Zoph et al. 2022).
+
+``token_mask`` (bool [T], optional): masked tokens get combine weights 0 and are left out of both
+losses and every metric (see ``moejax.ops.routing.common``).
 """
 
 from __future__ import annotations
@@ -18,35 +21,41 @@ import jax.numpy as jnp
 from moejax.ops.routing.common import (
     Routing,
     check_int,
+    check_token_mask,
     check_key,
     check_logits,
     count_tokens_per_expert,
     load_balancing_loss,
+    mask_assigned,
     routing_metrics,
     z_loss,
+    zero_masked,
 )
 
 GSHARD_POLICIES = ("all", "sampling", "random")
 
 
-def _routing(logits_TxE, probs_TxE, expert_indices_TxK, combine_weights_TxK, assigned_TxK=None):
+def _routing(logits_TxE, probs_TxE, expert_indices_TxK, combine_weights_TxK, assigned_TxK=None,
+             token_mask_T=None):
     num_experts = probs_TxE.shape[-1]
+    assigned_TxK = mask_assigned(assigned_TxK, token_mask_T, expert_indices_TxK.shape[1])
     tokens_per_expert_E = count_tokens_per_expert(
         expert_indices_TxK, num_experts, assigned=assigned_TxK
     )
     return Routing(
         expert_indices=expert_indices_TxK.astype(jnp.int32),
-        combine_weights=combine_weights_TxK,
+        combine_weights=zero_masked(combine_weights_TxK, token_mask_T),
         aux_losses={
-            "load_balancing": load_balancing_loss(probs_TxE, tokens_per_expert_E),
-            "z_loss": z_loss(logits_TxE),
+            "load_balancing": load_balancing_loss(probs_TxE, tokens_per_expert_E, token_mask_T),
+            "z_loss": z_loss(logits_TxE, token_mask_T),
         },
-        metrics=routing_metrics(tokens_per_expert_E, probs_TxE),
+        metrics=routing_metrics(tokens_per_expert_E, probs_TxE, token_mask_T),
     )
 
 
 def top_k(
-    logits: jax.Array, k: int, *, renormalize: bool = False, norm_p: float = 1.0
+    logits: jax.Array, k: int, *, renormalize: bool = False, norm_p: float = 1.0,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Softmax top-k routing: each token goes to the k experts of highest router probability.
 
@@ -59,6 +68,7 @@ def top_k(
       k: experts per token, 1 <= k <= E.
       renormalize: rescale the k gates to unit ``norm_p``-norm.
       norm_p: the norm's p > 0 (only used with ``renormalize``).
+      token_mask: bool [T], True = a real token; None = all tokens.
 
     Returns:
       Routing: ``expert_indices`` [T, k] by descending probability, ``combine_weights`` [T, k],
@@ -68,6 +78,7 @@ def top_k(
     k = check_int(k, "k", low=1, high=num_experts)
     if not norm_p > 0.0:
         raise ValueError(f"norm_p must be > 0, got {norm_p}")
+    token_mask = check_token_mask(token_mask, logits.shape[0])
     logits_TxE = logits.astype(jnp.float32)
     probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
     # Chosen on the logits: probabilities that underflow to 0 would tie and lose the logits' order.
@@ -76,28 +87,29 @@ def top_k(
     if renormalize:
         norm_Tx1 = jnp.sum(gates_TxK**norm_p, axis=-1, keepdims=True) ** (1.0 / norm_p)
         gates_TxK = gates_TxK / norm_Tx1
-    return _routing(logits_TxE, probs_TxE, expert_indices_TxK, gates_TxK)
+    return _routing(logits_TxE, probs_TxE, expert_indices_TxK, gates_TxK, token_mask_T=token_mask)
 
 
-def switch(logits: jax.Array) -> Routing:
+def switch(logits: jax.Array, *, token_mask: jax.Array | None = None) -> Routing:
     """Switch Transformer routing (Fedus et al. 2021, eq. 1-2): top-1, gate = the chosen probability.
 
     Equals ``top_k(logits, 1)``; its ``load_balancing`` loss is eq. 4-6 exactly.
     """
-    return top_k(logits, 1)
+    return top_k(logits, 1, token_mask=token_mask)
 
 
-def mixtral(logits: jax.Array, k: int = 2) -> Routing:
+def mixtral(logits: jax.Array, k: int = 2, *, token_mask: jax.Array | None = None) -> Routing:
     """Mixtral routing (Jiang et al. 2024, "Mixtral of Experts", section 2.1): Softmax(TopK(logits)).
 
     The gates are a softmax over the k chosen logits only, which equals the chosen softmax
     probabilities renormalised to sum 1 (``top_k(logits, k, renormalize=True)``).
     """
-    return top_k(logits, k, renormalize=True)
+    return top_k(logits, k, renormalize=True, token_mask=token_mask)
 
 
 def gshard(
-    logits: jax.Array, *, policy: str = "random", key: jax.Array | None = None
+    logits: jax.Array, *, policy: str = "random", key: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """GShard top-2 gating (Lepikhin et al. 2020, Algorithm 1), with a second-expert policy.
 
@@ -116,6 +128,7 @@ def gshard(
       logits: [T, E] floating, E >= 2.
       policy: "all" | "sampling" | "random".
       key: PRNG key, required for "sampling" and "random".
+      token_mask: bool [T], True = a real token; None = all tokens.
 
     Returns:
       Routing with k = 2, ``aux_losses`` {"load_balancing", "z_loss"} (see the module docstring).
@@ -127,6 +140,7 @@ def gshard(
         raise ValueError(f"policy must be one of {GSHARD_POLICIES}, got {policy!r}")
     if policy != "all":
         check_key(key, f"gshard(policy={policy!r})", "the second expert is chosen at random")
+    token_mask = check_token_mask(token_mask, logits.shape[0])
     logits_TxE = logits.astype(jnp.float32)
     probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
     _, top_indices_Tx2 = jax.lax.top_k(logits_TxE, 2)
@@ -145,7 +159,7 @@ def gshard(
         keep_second_T = 2.0 * gates_Tx2[:, 1] > uniform_T
         assigned_Tx2 = jnp.stack([jnp.ones_like(keep_second_T), keep_second_T], axis=-1)
         gates_Tx2 = jnp.where(assigned_Tx2, gates_Tx2, 0.0)
-    return _routing(logits_TxE, probs_TxE, expert_indices_Tx2, gates_Tx2, assigned_Tx2)
+    return _routing(logits_TxE, probs_TxE, expert_indices_Tx2, gates_Tx2, assigned_Tx2, token_mask)
 
 
 def jitter(x: jax.Array, key: jax.Array, eps: float) -> jax.Array:
