@@ -314,3 +314,19 @@ def test_greedy_generate_matches_argmax_decoding_one_token_at_a_time():
             sequence.append(token)
         np.testing.assert_array_equal(out, expected)
     assert len(got[1]) == 0
+
+
+def test_greedy_generate_does_not_depend_on_the_buffer_padding_with_expert_choice_layers():
+    # Expert choice picks tokens across the batch: unmasked padding would compete with the prompts.
+    moe = moejax.MoEConfig(d_model=16, d_ff=8, num_experts=4, router="expert_choice",
+                           dispatch="capacity", capacity_factor=0.5)
+    model = Transformer(moe_config(moe=moe, max_len=32), rngs=nnx.Rngs(3))
+    model.eval()
+    prompts = [np.asarray(random_tokens((n,), seed=n)) for n in (6, 3, 9, 4)]
+
+    def generate(length):
+        return greedy_generate(model, prompts, max_new_tokens=8, length=length, eos_id=VOCAB)
+
+    short, long = generate(18), generate(32)
+    for a, b in zip(short, long):
+        np.testing.assert_array_equal(a, b)

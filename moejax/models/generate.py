@@ -2,7 +2,7 @@
 
 Prompts are left-aligned in a ``[B, length]`` buffer; each row appends its own argmax token at its
 own position. Causal attention means the padding to the right of a row's position never changes the
-logits it reads, so no attention mask or KV cache is needed (each new token costs one full forward
+logits it reads, and the MoE layers get it as masked tokens, so no attention mask or KV cache is needed (each new token costs one full forward
 pass over the buffer — fine for the short answers of instruction-tuning evaluations).
 """
 
@@ -52,7 +52,10 @@ def _decode(model, tokens_BxL, lengths_B, *, max_new_tokens):
     rows_B = jnp.arange(tokens_BxL.shape[0])
 
     def step(i, tokens_BxL):
-        logits_BxLxV, _ = model(tokens_BxL)
+        # Only the filled part of each row is real: the padding beyond it must not compete for
+        # expert capacity (expert choice, capacity dispatch) or count in router statistics.
+        filled_BxL = jnp.arange(length)[None, :] < (lengths_B + i)[:, None]
+        logits_BxLxV, _ = model(tokens_BxL, token_mask=filled_BxL)
         position_B = lengths_B + i
         next_B = jnp.argmax(logits_BxLxV[rows_B, jnp.minimum(position_B, length) - 1], axis=-1)
         in_buffer_B = position_B < length
