@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -125,3 +126,25 @@ def test_flan_moe_chain_pretrain_instruct_then_task_tune_records_answer_losses(t
         assert all(math.isfinite(loss) and loss > 0 for loss in losses)
         assert math.isclose(record["held_out_answer_loss"], sum(losses) / 3)
         assert math.isfinite(record["held_out_answer_loss_gain"])
+
+
+@pytest.mark.parametrize("results_md", ["experiments/RESULTS.md", "benchmarks/RESULTS.md"])
+def test_committed_results_link_only_images_that_exist(results_md):
+    path = os.path.join(os.path.dirname(EXPERIMENTS), results_md)
+    with open(path) as f:
+        text = f.read()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links
+    for link in links:
+        assert os.path.isfile(os.path.join(os.path.dirname(path), link)), link
+
+
+def test_committed_results_have_a_filled_block_per_sweep():
+    with open(os.path.join(EXPERIMENTS, "RESULTS.md")) as f:
+        text = f.read()
+    for name in SWEEPS:
+        section = f"## S{name[1]} "
+        assert section in text
+        block = text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
+        assert f"Command: `python experiments/run_sweep.py {name}`" in block
+        assert "| seeds |" in block
