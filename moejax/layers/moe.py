@@ -32,7 +32,7 @@ from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
 from moejax.layers.experts import Experts, SharedExperts, param
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
-from moejax.ops.routing.common import mask_assigned, zero_masked
+from moejax.ops.routing.common import zero_masked
 from moejax.parallel import constrain, expert_parallel_layout
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
@@ -226,7 +226,7 @@ class MoE(nnx.Module):
         routing = self.router(x_TxD, token_ids_T=token_ids_T, token_mask_T=token_mask_T,
                               sequence_length=sequence_length, deterministic=deterministic,
                               rngs=rngs)
-        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing, token_mask_T)
+        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing)
         if c.num_shared_experts:
             y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
         # Shared experts run on every row (static shapes); a masked token's output is 0 all the same.
@@ -238,7 +238,7 @@ class MoE(nnx.Module):
         y = y_TxD.astype(c.dtype).reshape(*batch_shape, c.d_model)
         return y, MoEAux(losses, metrics)
 
-    def _dispatch(self, x_TxD, routing, token_mask_T):
+    def _dispatch(self, x_TxD, routing):
         c = self.config
         experts = self.experts
         if isinstance(routing, R.ExpertChoiceRouting):
@@ -252,9 +252,8 @@ class MoE(nnx.Module):
             return y_TxD, routing.metrics.get("unrouted_fraction", jnp.zeros((), jnp.float32))
         indices_TxK = routing.expert_indices
         weights_TxK = routing.combine_weights
-        # The routers give masked tokens weight 0; the mask is applied again so that no masked copy
-        # is ever dispatched, whatever its weight.
-        assigned_TxK = mask_assigned(weights_TxK != 0, token_mask_T, weights_TxK.shape[1])
+        # Routers give masked tokens (and GShard's dropped second choices) weight 0.
+        assigned_TxK = weights_TxK != 0
         if c.dispatch == "dense":
             weights_TxE = dispatch_ops.dense_combine_weights(indices_TxK, weights_TxK,
                                                              c.num_experts)

@@ -126,31 +126,27 @@ def deepseek_v3(
     normalized_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
     chosen_TxE = jnp.sum(jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32), axis=1)
     num_sequences = num_tokens // sequence_length
+    # Each sequence's real tokens (all L without a mask); sequences with none are left out.
     if token_mask is None:
-        f_BxE = (num_experts / (k * sequence_length)) * jnp.sum(
-            chosen_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1
-        )
-        p_BxE = jnp.mean(normalized_TxE.reshape(num_sequences, sequence_length, num_experts), axis=1)
-        sequence_balance = jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+        real_Bx1 = jnp.full((num_sequences, 1), float(sequence_length), jnp.float32)
     else:
         real_Bx1 = jnp.sum(
             token_mask.reshape(num_sequences, sequence_length).astype(jnp.float32), axis=1,
             keepdims=True,
         )
-        safe_real_Bx1 = jnp.maximum(real_Bx1, 1.0)
-        f_BxE = (num_experts / k) * jnp.sum(
-            zero_masked(chosen_TxE, token_mask).reshape(num_sequences, sequence_length, num_experts),
-            axis=1,
-        ) / safe_real_Bx1
-        p_BxE = jnp.sum(
-            zero_masked(normalized_TxE, token_mask).reshape(num_sequences, sequence_length,
-                                                            num_experts),
-            axis=1,
-        ) / safe_real_Bx1
-        has_real_B = real_Bx1[:, 0] > 0
-        per_sequence_B = jnp.where(has_real_B, jnp.sum(f_BxE * p_BxE, axis=-1), 0.0)
-        sequence_balance = jnp.sum(per_sequence_B) / jnp.maximum(
-            jnp.sum(has_real_B.astype(jnp.float32)), 1.0)
+    safe_real_Bx1 = jnp.maximum(real_Bx1, 1.0)
+
+    def per_sequence_mean(values_TxE):
+        summed_BxE = jnp.sum(zero_masked(values_TxE, token_mask).reshape(
+            num_sequences, sequence_length, num_experts), axis=1)
+        return summed_BxE / safe_real_Bx1
+
+    f_BxE = (num_experts / k) * per_sequence_mean(chosen_TxE)
+    p_BxE = per_sequence_mean(normalized_TxE)
+    has_real_B = real_Bx1[:, 0] > 0
+    per_sequence_B = jnp.where(has_real_B, jnp.sum(f_BxE * p_BxE, axis=-1), 0.0)
+    sequence_balance = jnp.sum(per_sequence_B) / jnp.maximum(
+        jnp.sum(has_real_B.astype(jnp.float32)), 1.0)
     tokens_per_expert_E = count_tokens_per_expert(
         expert_indices_TxK, num_experts, assigned=mask_assigned(None, token_mask, k)
     )

@@ -88,18 +88,6 @@ def expert_choice(
     token_mask = check_token_mask(token_mask, num_tokens)
     logits_TxE = logits.astype(jnp.float32)
     scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-    if token_mask is None and active_capacity is None:
-        # Chosen on S itself (the paper's TopK(S^T)): per expert the order of tokens is that of S[:, e].
-        gates_ExC, token_indices_ExC = jax.lax.top_k(scores_TxE.T, capacity)
-        chosen_T = jnp.zeros((num_tokens,), jnp.float32).at[token_indices_ExC.reshape(-1)].add(1.0)
-        metrics = routing_metrics(jnp.full((num_experts,), float(capacity), jnp.float32), scores_TxE)
-        metrics["unrouted_fraction"] = jnp.mean((chosen_T == 0.0).astype(jnp.float32))
-        return ExpertChoiceRouting(
-            token_indices=token_indices_ExC.astype(jnp.int32),
-            combine_weights=gates_ExC,
-            aux_losses={"z_loss": z_loss(logits_TxE)},
-            metrics=metrics,
-        )
     filled = jnp.asarray(capacity if active_capacity is None else active_capacity, jnp.int32)
     if token_mask is not None:
         filled = jnp.minimum(filled, jnp.sum(token_mask.astype(jnp.int32)))
@@ -107,6 +95,7 @@ def expert_choice(
         choice_TxE = jnp.where(token_mask[:, None], scores_TxE, -1.0)
     else:
         choice_TxE = scores_TxE
+    # Chosen on S itself (the paper's TopK(S^T)): per expert the order of tokens is that of S[:, e].
     picked_ExC, token_indices_ExC = jax.lax.top_k(choice_TxE.T, capacity)
     active_ExC = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32)[None, :] < filled,
                                   (num_experts, capacity))

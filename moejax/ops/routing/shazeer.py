@@ -59,11 +59,8 @@ def softmax(logits: jax.Array, *, token_mask: jax.Array | None = None) -> Routin
     expert_indices_TxE = jnp.broadcast_to(
         jnp.arange(num_experts, dtype=jnp.int32)[None, :], (num_tokens, num_experts)
     )
-    if token_mask is None:
-        tokens_per_expert_E = jnp.full((num_experts,), float(num_tokens), jnp.float32)
-    else:
-        num_real = jnp.sum(token_mask.astype(jnp.float32))
-        tokens_per_expert_E = jnp.full((num_experts,), 1.0, jnp.float32) * num_real
+    num_real = num_tokens if token_mask is None else jnp.sum(token_mask.astype(jnp.float32))
+    tokens_per_expert_E = jnp.full((num_experts,), 1.0, jnp.float32) * num_real
     gates_TxE = zero_masked(probs_TxE, token_mask)
     return Routing(
         expert_indices=expert_indices_TxE,
