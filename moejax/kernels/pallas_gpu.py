@@ -226,7 +226,8 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
         compute_dtype=compute_dtype, precision=_precision(compute_dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), preferred_element_type),
+        out_shape=metadata.out_struct((m, n), preferred_element_type, items_4xW, bounds_2, lhs,
+                                      rhs),
         grid=(metadata.cdiv(n, tn), items_4xW.shape[1]),
         compiler_params=params,
         interpret=interpret,
@@ -289,7 +290,8 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
         precision=_precision(compute_dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), preferred_element_type),
+        out_shape=metadata.out_struct((num_groups, k, n), preferred_element_type, bounds_2xG,
+                                      lhs, rhs),
         grid=(metadata.cdiv(n, tn), metadata.cdiv(k, tk), num_groups),
         compiler_params=params,
         interpret=interpret,

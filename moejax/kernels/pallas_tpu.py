@@ -141,9 +141,11 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
 
     kernel = functools.partial(
         _gmm_kernel, transpose_rhs=transpose_rhs, k_last_cols=k_last_cols)
+    operands = (meta.work_groups_W, meta.work_tiles_W, meta.group_starts_G, meta.group_ends_G,
+                meta.num_work.reshape(1), lhs, rhs)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), preferred_element_type),
+        out_shape=metadata.out_struct((m, n), preferred_element_type, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(metadata.cdiv(n, tn), num_items, num_k),
@@ -159,8 +161,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
         name="moejax_gmm",
-    )(meta.work_groups_W, meta.work_tiles_W, meta.group_starts_G, meta.group_ends_G,
-      meta.num_work.reshape(1), lhs, rhs)
+    )(*operands)
 
     first, last = metadata.local_row_range(group_sizes, group_offset, g)
     rows_Mx1 = jnp.arange(m, dtype=jnp.int32).reshape(m, 1)
@@ -212,9 +213,11 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
         group_sizes, m, tm, group_offset=group_offset, num_local_groups=num_groups)
     num_items = meta.work_groups_W.shape[0]
 
+    operands = (meta.work_groups_W, meta.work_tiles_W, meta.group_starts_G, meta.group_ends_G,
+                meta.num_work.reshape(1), lhs, rhs)
     out = pl.pallas_call(
         _tgmm_kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), preferred_element_type),
+        out_shape=metadata.out_struct((num_groups, k, n), preferred_element_type, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(metadata.cdiv(k, tk), metadata.cdiv(n, tn), num_items),
@@ -230,8 +233,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="moejax_tgmm",
-    )(meta.work_groups_W, meta.work_tiles_W, meta.group_starts_G, meta.group_ends_G,
-      meta.num_work.reshape(1), lhs, rhs)
+    )(*operands)
 
     nonempty_Gx1x1 = (meta.group_ends_G > meta.group_starts_G).reshape(num_groups, 1, 1)
     return jnp.where(nonempty_Gx1x1, out, jnp.zeros((1, 1, 1), out.dtype))

@@ -74,6 +74,9 @@ class MoEConfig:
     dtype: Any = jnp.float32
     gmm_backend: str = "auto"
     gmm_tiling: tuple[int, int, int] | None = None
+    # Pallas interpret mode; None: when the default JAX backend is the CPU. False compiles the real
+    # kernel, e.g. ahead of time for a TPU slice from a CPU host.
+    gmm_interpret: bool | None = None
     remat: bool = False
     # Expert parallelism: all-to-all buffers hold this many times the average per-shard load; a step
     # that would overflow them switches to worst-case buffers (nothing is dropped). None: always

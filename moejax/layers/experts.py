@@ -60,7 +60,8 @@ class Experts(nnx.Module):
     def grouped(self, sorted_x_TKxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         """Dropless: rows sorted by expert, ``group_sizes_E`` rows each, through ``moejax.ops.gmm``."""
         w_in, w_up, w_out = self._weights()
-        kw = dict(backend=self.config.gmm_backend, tiling=self.config.gmm_tiling)
+        kw = dict(backend=self.config.gmm_backend, tiling=self.config.gmm_tiling,
+                  interpret=self.config.gmm_interpret)
         x = sorted_x_TKxD.astype(self.config.dtype)
         h = gmm(x, w_in, group_sizes_E, **kw)
         up = gmm(x, w_up, group_sizes_E, **kw) if w_up is not None else None
@@ -89,7 +90,7 @@ class Experts(nnx.Module):
         return dropless_expert_parallel(
             expert_indices_TxK=expert_indices_TxK, combine_weights_TxK=combine_weights_TxK,
             gmm_backend=self.config.gmm_backend, gmm_tiling=self.config.gmm_tiling,
-            exchange_factor=self.config.ep_exchange_factor,
+            gmm_interpret=self.config.gmm_interpret, exchange_factor=self.config.ep_exchange_factor,
             **self._parallel_kw(layout, x_TxD, assigned_TxK),
         )
 

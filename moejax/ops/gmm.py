@@ -60,6 +60,29 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+def runs_interpreted(backend: str = "auto", interpret: bool | None = None) -> bool:
+    """Whether ``gmm(..., backend=backend, interpret=interpret)`` runs a Pallas kernel in
+    interpret mode (JAX's HLO interpreter) on this host."""
+    return resolve_backend(backend).startswith("pallas") and _resolve_interpret(interpret)
+
+
+def _check_not_interpreted_under_vma(fn: str, backend: str, interpret: bool, *operands) -> None:
+    # Pallas' HLO interpreter re-traces the kernel's grid loop when the program is lowered, and that
+    # trace mixes the operands' varying manual axes with its own unvarying loop indices: under
+    # ``shard_map(check_vma=True)`` it fails deep inside JAX. Compiled kernels (interpret=False)
+    # carry the varying axes and need nothing of this.
+    if not (backend.startswith("pallas") and interpret):
+        return
+    varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+    if varying:
+        raise ValueError(
+            f"{fn}: backend={backend!r} in interpret mode cannot run inside "
+            f"jax.shard_map(check_vma=True) (operands vary over mesh axes {sorted(varying)}); "
+            "pass check_vma=False to that shard_map (moejax.parallel does so for interpreted "
+            "kernels), or use interpret=False on a TPU/GPU, or backend='cpu'"
+        )
+
+
 def _check_float(name: str, x) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
@@ -163,8 +186,9 @@ def gmm(
     offset = _check_group_offset(group_offset, rhs.shape[0], group_sizes.shape[0], "gmm")
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     backend = resolve_backend(backend)
-    config = (bool(transpose_rhs), out_dtype, _normalize_tiling(tiling), backend,
-              _resolve_interpret(interpret))
+    interpret = _resolve_interpret(interpret)
+    _check_not_interpreted_under_vma("gmm", backend, interpret, lhs, rhs, group_sizes, offset)
+    config = (bool(transpose_rhs), out_dtype, _normalize_tiling(tiling), backend, interpret)
     return _gmm(config, lhs, rhs, group_sizes, offset)
 
 
@@ -257,7 +281,9 @@ def tgmm(
     offset = _check_group_offset(group_offset, num_groups, total, "tgmm")
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     backend = resolve_backend(backend)
-    config = (out_dtype, _normalize_tiling(tiling), backend, _resolve_interpret(interpret))
+    interpret = _resolve_interpret(interpret)
+    _check_not_interpreted_under_vma("tgmm", backend, interpret, lhs, rhs, group_sizes, offset)
+    config = (out_dtype, _normalize_tiling(tiling), backend, interpret)
     return _tgmm(config, lhs, rhs, group_sizes, offset, int(num_groups))
 
 

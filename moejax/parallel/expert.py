@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec
 
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import gmm
+from moejax.ops.gmm import runs_interpreted
 from moejax.parallel.mesh import as_axes, current_rules
 
 
@@ -185,6 +186,7 @@ def dropless_expert_parallel(
     exchange_factor: float | None = 2.0,
     gmm_backend: str = "auto",
     gmm_tiling: tuple[int, int, int] | None = None,
+    gmm_interpret: bool | None = None,
     remat: bool = False,
 ) -> jax.Array:
     """Dropless MoE FFN with the experts split over ``expert_axis``; returns ``y_TxD`` in f32.
@@ -195,6 +197,9 @@ def dropless_expert_parallel(
     (E divisible by its size) and, for F, over ``hidden_axes``. ``exchange_factor``: rows per
     destination in the fast exchange as a multiple of the average (``None``: always the worst-case
     buffers); see the module docstring. Weights and x should already be in the compute dtype.
+
+    The ``shard_map`` checks varying mesh axes (``check_vma``) except when the gmm backend is a
+    Pallas kernel in interpret mode, which JAX's HLO interpreter cannot run under that check.
     """
     mesh = _resolve_mesh(mesh)
     token_axes = as_axes(token_axes)
@@ -212,7 +217,7 @@ def dropless_expert_parallel(
         worst, math.ceil(exchange_factor * worst / ep))
     if assigned_TxK is None:
         assigned_TxK = jnp.ones(expert_indices_TxK.shape, bool)
-    gmm_kw = dict(backend=gmm_backend, tiling=gmm_tiling)
+    gmm_kw = dict(backend=gmm_backend, tiling=gmm_tiling, interpret=gmm_interpret)
     all_axes = tuple(mesh.axis_names)
 
     def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
@@ -253,6 +258,7 @@ def dropless_expert_parallel(
         in_specs=(tokens, tokens, tokens, tokens, w_in_spec,
                   None if w_up_ExDxF is None else w_in_spec, w_out_spec),
         out_specs=tokens,
+        check_vma=not runs_interpreted(gmm_backend, gmm_interpret),
     )
     return fn(x_TxD, expert_indices_TxK, combine_weights_TxK, assigned_TxK, w_in_ExDxF,
               w_up_ExDxF, w_out_ExFxD)
