@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices and strict rank promotion, before anything imports jax."""
+"""Test setup: 8 fake CPU devices, strict rank and dtype promotion, before anything imports jax."""
 
 import os
 
@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+
 settings.register_profile(
     "moejax",
     deadline=None,
@@ -21,6 +22,16 @@ settings.register_profile(
     derandomize=os.environ.get("CI") == "true",
 )
 settings.load_profile("moejax")
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+    """Every test runs under JAX's strictest dtype promotion (its own test configuration: a bf16 * f32
+    in library code raises) unless marked ``dtype_promotion("standard")`` — for the trainer, whose
+    optimiser (optax) relies on implicit promotion."""
+    marker = request.node.get_closest_marker("dtype_promotion")
+    with jax.numpy_dtype_promotion(marker.args[0] if marker else "strict"):
+        yield
 
 
 @pytest.fixture

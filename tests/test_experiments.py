@@ -15,6 +15,9 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 sys.path.insert(0, EXPERIMENTS)
 import run_sweep  # noqa: E402
 
+# The trainer uses optax, which relies on implicit dtype promotion (float ** int32 step counts).
+pytestmark = pytest.mark.dtype_promotion("standard")
+
 SWEEPS = sorted(f[:-3] for f in os.listdir(EXPERIMENTS)
                 if f.startswith("s") and f[1].isdigit() and f.endswith(".py"))
 

@@ -31,6 +31,9 @@ from moejax.checkpoint import Checkpointer
 from moejax.metrics_writer import read_metrics
 from moejax.models import Transformer
 
+# The trainer uses optax, which relies on implicit dtype promotion (float ** int32 step counts).
+pytestmark = pytest.mark.dtype_promotion("standard")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -44,6 +44,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import common
+
 _DEFAULT_CHUNK = 512
 _MIN_CHUNK = 8
 # One more chunk costs about as much as this many rows of matmul work (measured on a 2-core x86 VM).
@@ -135,7 +137,7 @@ def _operands(lhs, rhs):
     The barrier keeps XLA from sinking a broadcast operand (the cotangent of ``sum(out)`` is one)
     into the loop bodies, where it would be materialised again on every iteration.
     """
-    dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    dtype = common.promote_types(lhs.dtype, rhs.dtype)
     return jax.lax.optimization_barrier((lhs.astype(dtype), rhs.astype(dtype)))
 
 

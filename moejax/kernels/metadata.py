@@ -91,14 +91,3 @@ def local_row_range(group_sizes: jax.Array, group_offset: jax.Array | int, num_l
     last = ends[offset + num_local_groups - 1]
     return first, last
 
-
-def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
-    """The ``out_shape`` of a ``pallas_call`` whose result varies as its ``operands`` do.
-
-    Inside ``jax.shard_map`` (with ``check_vma``) a ``pallas_call`` must say over which manual mesh
-    axes its output varies; a kernel's output depends on every operand, so it varies over the union
-    of theirs. Outside ``shard_map`` the union is empty and the annotation changes nothing.
-    """
-    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
-    return jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))

@@ -54,7 +54,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moejax.kernels import metadata
+from moejax.kernels import common, metadata
 
 _MIN_TILE = 16  # Triton's tensor-core dot needs every dimension >= 16.
 _MAX_TILE = 256
@@ -67,11 +67,11 @@ def _fit(dim: int, cap: int) -> int:
 
 
 def _compute_dtype(lhs_dtype, rhs_dtype) -> np.dtype:
-    return jnp.promote_types(lhs_dtype, rhs_dtype)
+    return common.promote_types(lhs_dtype, rhs_dtype)
 
 
 def _acc_dtype(compute_dtype) -> np.dtype:
-    return jnp.promote_types(compute_dtype, jnp.float32)
+    return common.promote_types(compute_dtype, jnp.float32)
 
 
 def _precision(compute_dtype):
@@ -226,7 +226,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
         compute_dtype=compute_dtype, precision=_precision(compute_dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=metadata.out_struct((m, n), preferred_element_type, items_4xW, bounds_2, lhs,
+        out_shape=common.out_struct((m, n), preferred_element_type, items_4xW, bounds_2, lhs,
                                       rhs),
         grid=(metadata.cdiv(n, tn), items_4xW.shape[1]),
         compiler_params=params,
@@ -290,7 +290,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
         precision=_precision(compute_dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=metadata.out_struct((num_groups, k, n), preferred_element_type, bounds_2xG,
+        out_shape=common.out_struct((num_groups, k, n), preferred_element_type, bounds_2xG,
                                       lhs, rhs),
         grid=(metadata.cdiv(n, tn), metadata.cdiv(k, tk), num_groups),
         compiler_params=params,

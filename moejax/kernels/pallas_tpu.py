@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels import metadata
+from moejax.kernels import common, metadata
 
 DEFAULT_TILING = (128, 128, 128)
 
@@ -62,7 +62,7 @@ def _block(dim: int, tile: int) -> int:
 
 def _dot(lhs, rhs, dims):
     """f32-accumulated tile product; f32 inputs keep full f32 precision on the MXU."""
-    dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    dtype = common.promote_types(lhs.dtype, rhs.dtype)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     return jax.lax.dot_general(
         lhs.astype(dtype), rhs.astype(dtype), (dims, ((), ())),
@@ -145,7 +145,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
                 meta.num_work.reshape(1), lhs, rhs)
     out = pl.pallas_call(
         kernel,
-        out_shape=metadata.out_struct((m, n), preferred_element_type, *operands),
+        out_shape=common.out_struct((m, n), preferred_element_type, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(metadata.cdiv(n, tn), num_items, num_k),
@@ -217,7 +217,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
                 meta.num_work.reshape(1), lhs, rhs)
     out = pl.pallas_call(
         _tgmm_kernel,
-        out_shape=metadata.out_struct((num_groups, k, n), preferred_element_type, *operands),
+        out_shape=common.out_struct((num_groups, k, n), preferred_element_type, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(metadata.cdiv(k, tk), metadata.cdiv(n, tn), num_items),

@@ -9,12 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.common import promote_types
 from moejax.kernels.metadata import local_row_range
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
         interpret):
     del tiling, interpret
+    dtype = promote_types(lhs.dtype, rhs.dtype)
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
     g, k, n = rhs.shape

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.kernels.common import promote_types
+
 BACKENDS = ("auto", "pallas_tpu", "pallas_gpu", "cpu", "reference")
 
 _MODULES = {
@@ -184,7 +186,7 @@ def gmm(
             f"({layout}) has k = {k_rhs}"
         )
     offset = _check_group_offset(group_offset, rhs.shape[0], group_sizes.shape[0], "gmm")
-    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
+    out_dtype = jnp.dtype(preferred_element_type or promote_types(lhs.dtype, rhs.dtype))
     backend = resolve_backend(backend)
     interpret = _resolve_interpret(interpret)
     _check_not_interpreted_under_vma("gmm", backend, interpret, lhs, rhs, group_sizes, offset)
@@ -279,7 +281,7 @@ def tgmm(
     if num_groups < 1:
         raise ValueError(f"tgmm: num_groups must be >= 1, got {num_groups}")
     offset = _check_group_offset(group_offset, num_groups, total, "tgmm")
-    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
+    out_dtype = jnp.dtype(preferred_element_type or promote_types(lhs.dtype, rhs.dtype))
     backend = resolve_backend(backend)
     interpret = _resolve_interpret(interpret)
     _check_not_interpreted_under_vma("tgmm", backend, interpret, lhs, rhs, group_sizes, offset)
