@@ -16,6 +16,17 @@ from moejax.kernels.metadata import local_row_range
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
         interpret):
     del tiling, interpret
+
+    # lax.ragged_dot has no batching rule for a batched group list: under vmap, one call per item.
+    @jax.custom_batching.sequential_vmap
+    def one(lhs, rhs, group_sizes, group_offset):
+        return _ragged_gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs,
+                           preferred_element_type)
+
+    return one(lhs, rhs, group_sizes, group_offset)
+
+
+def _ragged_gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_element_type):
     dtype = promote_types(lhs.dtype, rhs.dtype)
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     if transpose_rhs:

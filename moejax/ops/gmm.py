@@ -130,6 +130,22 @@ def _check_group_offset(group_offset, num_local: int, num_groups: int, fn: str):
     return offset.astype(jnp.int32)
 
 
+def _check_static_shapes(fn: str, backend: str, **operands) -> None:
+    # The kernels' tilings, work lists and chunk ladders are sized at trace time from m, k and n.
+    if backend == "reference":
+        return
+    for name, x in operands.items():
+        symbolic = [d for d in x.shape if not isinstance(d, (int, np.integer))]
+        if symbolic:
+            axes = {"lhs": "[m, k]", "rhs": "[g, k, n]" if fn == "gmm" else "[m, n]"}[name]
+            raise ValueError(
+                f"{fn}: backend={backend!r} needs static shapes (its tiling is fixed at trace "
+                f"time), but {name} {axes} has the symbolic shape {tuple(map(str, x.shape))}; for "
+                "jax.export with a symbolic number of rows m use backend='reference' "
+                "(lax.ragged_dot), or export one function per row count"
+            )
+
+
 def _normalize_tiling(tiling) -> tuple[int, int, int] | None:
     if tiling is None:
         return None
@@ -177,6 +193,8 @@ def gmm(
         raise ValueError(f"gmm: rhs must have rank 3 [g, k, n], got shape {rhs.shape}")
     _check_float("gmm: lhs", lhs)
     _check_float("gmm: rhs", rhs)
+    backend = resolve_backend(backend)
+    _check_static_shapes("gmm", backend, lhs=lhs, rhs=rhs)
     _check_group_sizes(group_sizes, lhs.shape[0], "gmm")
     k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if lhs.shape[1] != k_rhs:
@@ -187,7 +205,6 @@ def gmm(
         )
     offset = _check_group_offset(group_offset, rhs.shape[0], group_sizes.shape[0], "gmm")
     out_dtype = jnp.dtype(preferred_element_type or promote_types(lhs.dtype, rhs.dtype))
-    backend = resolve_backend(backend)
     interpret = _resolve_interpret(interpret)
     _check_not_interpreted_under_vma("gmm", backend, interpret, lhs, rhs, group_sizes, offset)
     config = (bool(transpose_rhs), out_dtype, _normalize_tiling(tiling), backend, interpret)
@@ -272,6 +289,8 @@ def tgmm(
         raise ValueError(f"tgmm: lhs {lhs.shape} and rhs {rhs.shape} must have the same rows m")
     _check_float("tgmm: lhs", lhs)
     _check_float("tgmm: rhs", rhs)
+    backend = resolve_backend(backend)
+    _check_static_shapes("tgmm", backend, lhs=lhs, rhs=rhs)
     _check_group_sizes(group_sizes, lhs.shape[0], "tgmm")
     total = group_sizes.shape[0]
     if num_groups is None:
@@ -282,7 +301,6 @@ def tgmm(
         raise ValueError(f"tgmm: num_groups must be >= 1, got {num_groups}")
     offset = _check_group_offset(group_offset, num_groups, total, "tgmm")
     out_dtype = jnp.dtype(preferred_element_type or promote_types(lhs.dtype, rhs.dtype))
-    backend = resolve_backend(backend)
     interpret = _resolve_interpret(interpret)
     _check_not_interpreted_under_vma("tgmm", backend, interpret, lhs, rhs, group_sizes, offset)
     config = (out_dtype, _normalize_tiling(tiling), backend, interpret)
