@@ -86,10 +86,33 @@ def test_one_expert_top1_is_a_plain_ffn(expert, activation):
     np.testing.assert_allclose(y, h @ w_out, rtol=1e-5, atol=1e-5)
 
 
+def test_first_come_and_token_major_drop_different_copies_when_k_is_2():
+    # Two tokens, both choosing experts (0, 1); capacity 1 per expert.
+    indices_TxK = jnp.asarray([[0, 1], [1, 0]], jnp.int32)
+    weights_TxK = jnp.full((2, 2), 0.5, jnp.float32)
+    first = moejax.ops.dispatch.capacity_dispatch(indices_TxK, weights_TxK, 2, 1, "first_come")
+    token = moejax.ops.dispatch.capacity_dispatch(indices_TxK, weights_TxK, 2, 1, "token_major")
+    # first_come: both first choices fit, both second choices drop.
+    np.testing.assert_array_equal(first.kept_TxK, [[True, False], [True, False]])
+    # token_major: token 0 takes both experts, token 1 is dropped entirely.
+    np.testing.assert_array_equal(token.kept_TxK, [[True, True], [False, False]])
+
+
 def _numpy_capacity_kept(indices, weights, num_experts, capacity, order):
-    """First-come (choice rank, then token) or batch-priority slot filling, simulated in NumPy."""
+    """First-come (choice rank, then token), token-major (token, then choice rank) or
+    batch-priority slot filling, simulated in NumPy."""
     t, k = indices.shape
     tokens = list(range(t))
+    if order == "token_major":
+        fill = [0] * num_experts
+        kept = np.zeros((t, k), bool)
+        for i in tokens:
+            for rank in range(k):
+                e = indices[i, rank]
+                if fill[e] < capacity:
+                    kept[i, rank] = True
+                    fill[e] += 1
+        return kept
     if order == "batch_priority":
         tokens = sorted(tokens, key=lambda i: -weights[i].max())
     fill = [0] * num_experts
@@ -103,7 +126,7 @@ def _numpy_capacity_kept(indices, weights, num_experts, capacity, order):
     return kept
 
 
-@pytest.mark.parametrize("order", ["first_come", "batch_priority"])
+@pytest.mark.parametrize("order", ["first_come", "token_major", "batch_priority"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_capacity_drops_exactly_the_simulated_copies(order, k):
     cf = 0.5

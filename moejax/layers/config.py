@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.ops.dispatch import CAPACITY_ORDERS
+
 DISPATCH_MODES = ("dense", "capacity", "dropless")
 EXPERT_KINDS = ("mlp", "glu")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "squared_relu")
@@ -98,7 +100,7 @@ class MoEConfig:
         _one_of("expert", self.expert, EXPERT_KINDS)
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("gmm_backend", self.gmm_backend, GMM_BACKENDS)
-        _one_of("capacity_order", self.capacity_order, ("first_come", "batch_priority"))
+        _one_of("capacity_order", self.capacity_order, CAPACITY_ORDERS)
         if self.experts_per_token > self.num_experts:
             raise ValueError(
                 f"MoEConfig.experts_per_token = {self.experts_per_token} exceeds "

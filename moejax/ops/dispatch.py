@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from moejax.ops.routing import batch_priority_order
 
-CAPACITY_ORDERS = ("first_come", "batch_priority")
+CAPACITY_ORDERS = ("first_come", "token_major", "batch_priority")
 
 
 # --------------------------------------------------------------------------- permutation helpers
@@ -164,12 +164,18 @@ def capacity_priority(combine_weights_TxK: jax.Array, order: str = "first_come")
     """The order in which copies claim expert slots, as a permutation of the T·k copies.
 
     ``first_come`` (GShard, Switch): all first choices in token order, then all second choices, ...
+    ``token_major`` (MegaBlocks' capacity mode): copies in (token, choice) order, so token t's second
+    choice claims its slot before token t+1's first. With k > 1 and drops, the two orders drop
+    different copies: ``first_come`` drops late tokens' second choices first, ``token_major`` drops
+    whole late tokens.
     ``batch_priority`` (V-MoE, Riquelme et al. 2021): within each choice rank, tokens with larger
     top gate first, so that under pressure the least confident tokens are the ones dropped.
     """
     if order not in CAPACITY_ORDERS:
         raise ValueError(f"capacity order must be one of {CAPACITY_ORDERS}, got {order!r}")
     num_tokens, k = combine_weights_TxK.shape
+    if order == "token_major":
+        return jnp.arange(num_tokens * k, dtype=jnp.int32)
     tokens_T = jnp.arange(num_tokens, dtype=jnp.int32)
     if order == "batch_priority":
         tokens_T = batch_priority_order(combine_weights_TxK)
