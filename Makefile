@@ -11,6 +11,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps "jax-cuda12-plugin==0.10.2" "jax-cuda12-pjrt==0.10.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

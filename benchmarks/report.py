@@ -88,6 +88,102 @@ def _train_section(data):
     return lines + [""]
 
 
+def _kib(nbytes):
+    return f"{nbytes / 1024:.0f}"
+
+
+def _gpu_compile_section(data):
+    lines = ["## Pallas GPU kernels compiled to cubin (`benchmarks/gpu_compile.py`)", ""]
+    if data is None:
+        return lines + ["Not run yet: `python benchmarks/gpu_compile.py`.", ""]
+    meta = data["meta"]
+    m, k, n, g = meta["sweep_shape"]
+    lines += [
+        f"Compiled {meta['date']} on a CPU host, without a GPU: jax {meta['jax']}'s CUDA plugin "
+        "compiles each kernel's Triton IR to PTX for the architecture, and `ptxas -v` "
+        f"({meta['ptxas']}) assembles it and reports registers and spills "
+        "(`moejax.kernels.gpu_inspect`). Shared memory is what Triton asks at launch. Kernels "
+        "of gmm's custom VJP: `gmm` (forward), `gmm_dlhs` (gmm with `transpose_rhs`), `tgmm` "
+        "(weight gradient); tilings are (tm, tk, tn) of the kernel's own arguments.",
+        "",
+        f"### Defaults (`pallas_gpu.DEFAULT_CONFIGS`) at m = {m}, k = {k}, n = {n}, E = {g}",
+        "",
+        "| kernel | dtype | arch | tiling | warps | stages | registers | spill B | smem KiB "
+        "| tensor cores | async copies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["defaults"]:
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['target']} | "
+            f"{'x'.join(map(str, r['tiling']))} | {r['num_warps']} | {r['num_stages']} | "
+            f"{r['registers']} | {r['spill_bytes']} | {_kib(r['smem_bytes'])} | "
+            f"{r['tensor_core']} | {', '.join(r['async_copies']) or '-'} |")
+    lines += [""]
+    notes = sorted({f"{r['target']}: {note}"
+                    for r in data["defaults"] for note in r["ptxas_notes"]})
+    if notes:
+        lines += ["ptxas remarks on the defaults: " + "; ".join(notes), ""]
+    if data["sweep"]:
+        lines += [
+            f"### Sweep at {meta['sweep_stages']} stages (E = {g})",
+            "",
+            "Shared memory grows linearly with the stages. Limits per block: sm_80 164 KiB, "
+            f"sm_90 227 KiB; the kernels' portable budget is {_kib(meta['portable_smem_bytes'])} "
+            "KiB (sm_86/sm_89 allow 99 KiB). `clean` = no spills and within the architecture's "
+            "limit.",
+            "",
+            "<details><summary>Every configuration compiled</summary>",
+            "",
+            "| kernel | dtype | tiling | warps | sm_80 regs / spill B / smem KiB | "
+            "sm_90a regs / spill B / smem KiB | clean on both |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        cells = {}
+        for r in data["sweep"]:
+            key = (r["kernel"], r["dtype"], tuple(r["tiling"]), r["num_warps"])
+            cells.setdefault(key, {})[r["arch"]] = r
+        for key, by_arch in cells.items():
+            row, clean = [], True
+            for arch in ("8.0", "9.0"):
+                r = by_arch.get(arch)
+                if r is None or "error" in r:
+                    row.append("ptxas: " + (r["error"].split(":")[-1].strip() if r else "n/a"))
+                    clean = False
+                    continue
+                row.append(f"{r['registers']} / {r['spill_bytes']} / {_kib(r['smem_bytes'])}")
+                clean &= r["spill_bytes"] == 0 and r["smem_fits"]
+            lines.append(f"| {key[0]} | {key[1]} | {'x'.join(map(str, key[2]))} | {key[3]} | "
+                         f"{row[0]} | {row[1]} | {'yes' if clean else 'no'} |")
+        lines += ["", "</details>", ""]
+    gpus = meta["gpus"]
+    lines += [
+        f"### Roofline estimate (not a measurement) at T = {meta['tokens']}, k = {meta['top_k']}, "
+        f"d_model {meta['d_model']}, d_ff {meta['d_ff']}",
+        "",
+        "max(FLOPs / peak, bytes / HBM bandwidth) from published dense peaks: "
+        + "; ".join(f"{name} {fig['bf16'] / 1e12:.0f} TFLOP/s bf16, {fig['f32'] / 1e12:.1f} "
+                    f"TFLOP/s f32 (no TF32), {fig['hbm'] / 1e12:.2f} TB/s"
+                    for name, fig in gpus.items())
+        + " (NVIDIA A100, H100 and H200 datasheets). Bytes are compulsory traffic (operands read "
+        "once, output written once); FLOPs include the tiles a kernel multiplies and discards "
+        "when every group boundary falls inside a tile (worst case). The dense matmul has equal "
+        "useful FLOPs and one weight matrix. `benchmarks/gmm_device.py` measures on a GPU.",
+        "",
+        "| kernel | dtype | E | GFLOP (executed) | MB | FLOP/B (dense) | "
+        + " | ".join(f"{name} µs (dense)" for name in gpus) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(gpus),
+    ]
+    for r in data["roofline"]:
+        est = " | ".join(
+            f"{e['us']:.0f} {e['bound'][0]} ({e['dense_us']:.0f})" for e in r["estimate"].values())
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['experts']} | {r['flops'] / 1e9:.1f} "
+            f"({r['executed_flops'] / 1e9:.1f}) | {r['bytes'] / 1e6:.1f} | "
+            f"{r['intensity']:.0f} ({r['dense_intensity']:.0f}) | {est} |")
+    lines += ["", "c / m: compute- or memory-bound.", ""]
+    return lines
+
+
 def main():
     lines = [
         "# Benchmark results",
@@ -106,6 +202,7 @@ def main():
             lines += ["```", fh.read().rstrip(), "```", ""]
     else:
         lines += ["Not run yet: `python benchmarks/parallel.py > benchmarks/results/parallel.txt`.", ""]
+    lines += _gpu_compile_section(_load("gpu_compile.json"))
     lines += [
         "## GPU (`benchmarks/gmm_device.py`)",
         "",

@@ -11,12 +11,14 @@ Tiling ``(tm, tk, tn)``, powers of two in [16, 256]:
 * ``gmm`` [m, k] x [g, k, n] -> [m, n]: grid ``(cdiv(n, tn), num_work_items)``, n tiles fastest so
   that programs running together share an ``lhs`` row tile and one group's ``rhs`` in L2. A program
   loops over ``cdiv(k, tk)`` steps (``fori_loop``, software-pipelined by Triton), accumulating
-  ``lhs[tm, tk] @ rhs[group][tk, tn]`` in f32, and stores only the rows of its group. Default
-  ``(128, 64, 128)``, ``tk = 32`` for f32 inputs; each tile is shrunk to the problem when smaller.
+  ``lhs[tm, tk] @ rhs[group][tk, tn]`` in f32, and stores only the rows of its group.
 * ``tgmm`` [m, k], [m, n] -> [g, k, n]: grid ``(cdiv(n, tn), cdiv(k, tk), g)``; a program walks its
   group's rows ``tm`` at a time (dynamic trip count from the group's start and end), accumulating
   ``lhs[rows, tk].T @ rhs[rows, tn]`` with rows outside the group loaded as 0. An empty group
-  makes no step and stores zeros. Default ``(64, 128, 128)``, ``tm = 32`` for f32 inputs.
+  makes no step and stores zeros.
+
+Default tilings, warps and stages per kernel and dtype: ``DEFAULT_CONFIGS`` (each tile shrunk to
+the problem when smaller).
 
 Metadata (int32, built on device from ``group_sizes`` by ``moejax.kernels.metadata``): gmm reads an
 ``items_4xW`` table, one column per work item ``(row tile, local group, group start, group end)``,
@@ -37,16 +39,17 @@ in full f32 (``Precision.HIGHEST``, no TF32), which is exact to the contract but
 Hardware: the Triton lowering targets NVIDIA GPUs; bf16 tensor-core dots need compute capability
 >= 8.0 (Ampere, Ada, Hopper). Pipeline depth is chosen so that a program's tiles fit 96 KiB of
 shared memory, which every GPU of compute capability >= 8.0 provides per block (up to 4 stages;
-more would pay on Hopper). On Hopper, Triton may emit wgmma for the tile dots, but nothing
+more would pay on Hopper). On Hopper, Triton emits wgmma for the bf16 tile dots, but nothing
 Hopper-specific (TMA, warp specialisation) is requested. Lowering is tested without hardware via
-``jax.export`` for ``cuda``, and the emitted Triton IR is verified; Triton compiles it to PTX
-inside XLA, so register or shared-memory limits, and speed, show only on a GPU
-(``benchmarks/gmm_device.py``).
+``jax.export`` for ``cuda``, and the emitted Triton IR is verified; ``moejax.kernels.gpu_inspect``
+compiles it on to PTX and cubin for sm_80 / sm_90a (registers, spills, shared memory, wgmma), so
+only speed needs a GPU (``benchmarks/gmm_device.py``).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +65,79 @@ _SHARED_MEMORY_BYTES = 96 * 1024
 _MAX_STAGES = 4
 
 
+class KernelConfig(NamedTuple):
+    """A kernel's launch configuration: ``tiling`` (tm, tk, tn), warps per program and the
+    software-pipeline depth Triton gives the k loop (tiles in flight in shared memory)."""
+
+    tiling: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+
+
+# Default configuration per kernel and operand width in bytes (2: bf16/f16, 4: f32), chosen from
+# the compile report of ``benchmarks/gpu_compile.py`` (Triton -> PTX -> ``ptxas -v`` for sm_80
+# and sm_90a; full sweep in ``benchmarks/RESULTS.md``): the largest output tiles that assemble
+# with no register spills on both architectures, with register headroom (unmasked and masked
+# tiles: ``tests/test_gpu_compile.py``), and whose pipeline fits the portable 96 KiB budget.
+# ("gmm", w) also serves gmm with ``transpose_rhs`` (the dlhs kernel of the VJP).
+#
+# One table serves every architecture: the kernels are traced before XLA picks a device (and
+# exported on hosts without one), so they cannot choose per architecture; every entry is clean
+# on sm_80 and sm_90a (and sm_100a). Registers per thread at m = 16384, k = n = 512:
+#
+# | kernel, width | tiling       | warps | stages | regs sm_80 / sm_90a    | smem sm_80 / sm_90a |
+# | gmm, 2        | 128, 64, 128 | 8     | 3      | 204 / 122 (dlhs 139/120) | 64 / 96 KiB       |
+# | tgmm, 2       | 64, 128, 128 | 8     | 3      | 128 / 94               | 64 / 96 KiB         |
+# | gmm, 4        | 128, 16, 128 | 8     | 3      | 143 / 213 (dlhs 200/214) | 32 / 32 KiB       |
+# | tgmm, 4       | 16, 128, 128 | 8     | 3      | 121 / 124              | 32 / 32 KiB         |
+#
+# Why not larger:
+# * bf16 gmm: 128x256 and 256x128 output tiles spill on sm_80 at tk >= 64 (8 and 16 warps) and
+#   sit at the 255-register cap at tk = 32; tk = 128 is clean but needs 128 / 192 KiB, beyond
+#   the 99 KiB per block of sm_86 / sm_89. Hopper alone could take 128x64x256 or 256x64x128
+#   (8 warps, 172 / 203 registers, 144 KiB).
+# * bf16 tgmm: a 128x256 output tile (tm = 32) is clean, but tgmm's grid is
+#   ``cdiv(k, tk) * cdiv(n, tn) * E`` programs: 64 at d_model = d_ff = 512, E = 8, for 108 (A100)
+#   to 132 (H100) SMs. 128x128 keeps 128.
+# * f32: the previous (128, 32, 128) gmm and (32, 128, 128) tgmm reach 249-255 registers, and
+#   the dlhs and tgmm kernels spill 8-128 bytes once tiles are masked (m, k, n not tile
+#   multiples); halving the contraction tile keeps the output tile and ~30 registers of headroom.
+#
+# f32 inputs multiply in full f32 on the CUDA cores (``_precision``: HIGHEST, no TF32; the PTX has
+# no mma, tested). TF32 would run on the tensor cores (8x the A100's f32 peak) but round inputs
+# to 10 mantissa bits, and every other backend (cpu, reference, pallas_tpu) returns f32-exact
+# products for f32 operands: a backend switch must not change results. Speed wants bf16 inputs.
+DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
+    ("gmm", 2): KernelConfig((128, 64, 128), num_warps=8, num_stages=3),
+    ("gmm", 4): KernelConfig((128, 16, 128), num_warps=8, num_stages=3),
+    ("tgmm", 2): KernelConfig((64, 128, 128), num_warps=8, num_stages=3),
+    ("tgmm", 4): KernelConfig((16, 128, 128), num_warps=8, num_stages=3),
+}
+
+
 def _fit(dim: int, cap: int) -> int:
     return max(_MIN_TILE, min(cap, pl.next_power_of_2(dim)))
+
+
+def default_config(kernel: str, compute_dtype, m: int, k: int, n: int) -> KernelConfig:
+    """``DEFAULT_CONFIGS``' entry with each tile shrunk to the problem when the problem is
+    smaller (a shrunk tiling takes the warps and stages :func:`_compiler_params` derives)."""
+    entry = DEFAULT_CONFIGS[kernel, min(jnp.dtype(compute_dtype).itemsize, 4)]
+    tiling = tuple(_fit(d, t) for d, t in zip((m, k, n), entry.tiling))
+    if tiling == entry.tiling:
+        return entry
+    itemsize = jnp.dtype(compute_dtype).itemsize
+    tm, tk, tn = tiling
+    if kernel == "gmm":
+        params = _compiler_params(tiling, (tm * tk + tk * tn) * itemsize, tm * tn)
+    else:
+        params = _compiler_params(tiling, (tm * tk + tm * tn) * itemsize, tk * tn)
+    return KernelConfig(tiling, params.num_warps, params.num_stages)
+
+
+def default_tiling(kernel: str, compute_dtype, m: int, k: int, n: int) -> tuple[int, int, int]:
+    """The tiling ``kernel`` ("gmm" or "tgmm") uses for an ``[m, k]`` lhs when none is given."""
+    return default_config(kernel, compute_dtype, m, k, n).tiling
 
 
 def _compute_dtype(lhs_dtype, rhs_dtype) -> np.dtype:
@@ -91,6 +165,7 @@ def _validate_tiling(tiling) -> tuple[int, int, int]:
 
 
 def _compiler_params(tiling, bytes_per_stage: int, acc_elements: int) -> plgpu.CompilerParams:
+    """Warps and stages for an explicit tiling (defaults come from ``DEFAULT_CONFIGS``)."""
     if bytes_per_stage > _SHARED_MEMORY_BYTES:
         raise ValueError(
             f"tiling {tiling} needs {bytes_per_stage // 1024} KiB of shared memory per pipeline "
@@ -213,11 +288,14 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     compute_dtype = _compute_dtype(lhs.dtype, rhs.dtype)
     if tiling is None:
-        tk_cap = 32 if compute_dtype.itemsize >= 4 else 64
-        tiling = (_fit(m, 128), _fit(k, tk_cap), _fit(n, 128))
-    tiling = _validate_tiling(tiling)
+        config = default_config("gmm", compute_dtype, m, k, n)
+        tiling = config.tiling
+        params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        tiling = _validate_tiling(tiling)
+        tm, tk, tn = tiling
+        params = _compiler_params(tiling, (tm * tk + tk * tn) * compute_dtype.itemsize, tm * tn)
     tm, tk, tn = tiling
-    params = _compiler_params(tiling, (tm * tk + tk * tn) * compute_dtype.itemsize, tm * tn)
     if 0 in (m, k, n):
         return jnp.zeros((m, n), preferred_element_type)
     items_4xW, bounds_2 = _gmm_work_items(group_sizes, group_offset, m, tm, g)
@@ -272,11 +350,14 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     n = rhs.shape[1]
     compute_dtype = _compute_dtype(lhs.dtype, rhs.dtype)
     if tiling is None:
-        tm_cap = 32 if compute_dtype.itemsize >= 4 else 64
-        tiling = (_fit(m, tm_cap), _fit(k, 128), _fit(n, 128))
-    tiling = _validate_tiling(tiling)
+        config = default_config("tgmm", compute_dtype, m, k, n)
+        tiling = config.tiling
+        params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        tiling = _validate_tiling(tiling)
+        tm, tk, tn = tiling
+        params = _compiler_params(tiling, (tm * tk + tm * tn) * compute_dtype.itemsize, tk * tn)
     tm, tk, tn = tiling
-    params = _compiler_params(tiling, (tm * tk + tm * tn) * compute_dtype.itemsize, tk * tn)
     if 0 in (m, k, n):
         return jnp.zeros((num_groups, k, n), preferred_element_type)
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
