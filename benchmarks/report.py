@@ -118,7 +118,9 @@ def _gpu_compile_section(data):
             f"{'x'.join(map(str, r['tiling']))} | {r['num_warps']} | {r['num_stages']} | "
             f"{r['registers']} | {r['spill_bytes']} | {_kib(r['smem_bytes'])} | "
             f"{r['tensor_core']} | {', '.join(r['async_copies']) or '-'} |")
-    lines += [""]
+    lines += ["", "Why these and not larger tiles: the comment above `DEFAULT_CONFIGS` in "
+              "`moejax/kernels/pallas_gpu.py`. `tests/test_gpu_compile.py` checks every default "
+              "for sm_80 and sm_90a, with whole and with masked (partial) tiles.", ""]
     notes = sorted({f"{r['target']}: {note}"
                     for r in data["defaults"] for note in r["ptxas_notes"]})
     if notes:
@@ -127,7 +129,9 @@ def _gpu_compile_section(data):
         lines += [
             f"### Sweep at {meta['sweep_stages']} stages (E = {g})",
             "",
-            "Shared memory grows linearly with the stages. Limits per block: sm_80 164 KiB, "
+            "Shared memory grows with the stages: Triton buffers stages − 1 tiles for mma.sync "
+            "and FMA loops and stages tiles for wgmma (hence 64 vs 96 KiB for one bf16 tiling). "
+            "Limits per block: sm_80 164 KiB, "
             f"sm_90 227 KiB; the kernels' portable budget is {_kib(meta['portable_smem_bytes'])} "
             "KiB (sm_86/sm_89 allow 99 KiB). `clean` = no spills and within the architecture's "
             "limit.",
