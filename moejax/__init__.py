@@ -4,10 +4,10 @@
 (routers, dispatch and the grouped-matmul kernels as pure functions).
 """
 
-from moejax import ops
+from moejax import linen, ops
 from moejax.layers.config import MoEConfig
 from moejax.layers.moe import MoE, MoEAux
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEAux", "MoEConfig", "ops"]
+__all__ = ["MoE", "MoEAux", "MoEConfig", "linen", "ops"]

@@ -304,9 +304,9 @@ def test_unknown_mesh_axis_names_are_rejected():
             pass
 
 
-def test_logical_axis_without_a_rule_is_rejected():
-    with pytest.raises(ValueError, match=r"logical axis 'kv_heads' has no rule"):
-        parallel.logical_to_spec(("batch", "kv_heads"), parallel.DEFAULT_RULES)
+def test_logical_axis_without_a_rule_is_replicated():
+    spec = parallel.logical_to_spec(("batch", "kv_heads"), parallel.DEFAULT_RULES)
+    assert spec == PartitionSpec(("data", "fsdp", "expert"), None)
 
 
 def test_experts_not_divisible_by_the_expert_axis_are_rejected():

@@ -108,7 +108,7 @@ def _sharded_train_step_structs(backend, mesh, **config_kw):
         shardings = parallel.state_shardings(abstract, mesh)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                          abstract, shardings)
-    x = jax.ShapeDtypeStruct((8, 16, D), config.dtype, sharding=parallel.batch_sharding(mesh))
+    x = jax.ShapeDtypeStruct((8, 16, D), config.dtype or jnp.float32, sharding=parallel.batch_sharding(mesh))
     return functools.partial(_step, graphdef), state, x
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from moejax.ops.dispatch import CAPACITY_ORDERS
+from moejax.parallel.mesh import MeshRoles
 
 DISPATCH_MODES = ("dense", "capacity", "dropless")
 EXPERT_KINDS = ("mlp", "glu")
@@ -63,6 +64,9 @@ class MoEConfig:
     z_loss_weight: float = 1e-3
     sequence_balance_weight: float = 1e-4
     router_jitter: float = 0.0
+    # The host's rng stream for routing noise and jitter in training ('dropout', then nnx.Rngs'
+    # 'default' stream, when the host has no stream of this name).
+    rng_stream: str = "router"
     # Router options.
     renormalize: bool = False
     gshard_policy: str = "random"
@@ -73,7 +77,8 @@ class MoEConfig:
     hash_seed: int = 0
     # Numerics and kernels.
     param_dtype: Any = jnp.float32
-    dtype: Any = jnp.float32
+    # Compute dtype of the experts and of the output; None: the input's dtype. Router math is f32.
+    dtype: Any = None
     gmm_backend: str = "auto"
     gmm_tiling: tuple[int, int, int] | None = None
     # Pallas interpret mode; None: when the default JAX backend is the CPU. False compiles the real
@@ -84,6 +89,9 @@ class MoEConfig:
     # that would overflow them switches to worst-case buffers (nothing is dropped). None: always
     # worst case.
     ep_exchange_factor: float | None = 2.0
+    # Which axes of the host's mesh hold the experts, split the tokens and split F
+    # (``moejax.parallel.MeshRoles``); None: from the active logical-axis rules.
+    mesh_roles: MeshRoles | None = None
 
     def __post_init__(self):
         from moejax.ops.routing import ROUTERS  # the registry is the single list of names

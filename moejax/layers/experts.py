@@ -37,6 +37,8 @@ def param(rngs: nnx.Rngs, shape, fan_in: int, axes, dtype) -> nnx.Param:
 class Experts(nnx.Module):
     """``num_experts`` FFNs: ``w_in`` [E, D, F], ``w_up`` [E, D, F] (GLU only), ``w_out`` [E, F, D].
 
+    Every method computes in its input's dtype (the MoE layer casts tokens to the compute dtype once).
+
     Logical axes: ``("expert", "embed", "mlp")`` and ``("expert", "mlp", "embed")``.
     """
 
@@ -48,8 +50,7 @@ class Experts(nnx.Module):
             self.w_up = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), config.param_dtype)
         self.w_out = param(rngs, (e, f, d), f, ("expert", "mlp", "embed"), config.param_dtype)
 
-    def _weights(self):
-        dt = self.config.dtype
+    def _weights(self, dt):
         w_up = self.w_up[...].astype(dt) if self.config.expert == "glu" else None
         return self.w_in[...].astype(dt), w_up, self.w_out[...].astype(dt)
 
@@ -59,26 +60,26 @@ class Experts(nnx.Module):
 
     def grouped(self, sorted_x_TKxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         """Dropless: rows sorted by expert, ``group_sizes_E`` rows each, through ``moejax.ops.gmm``."""
-        w_in, w_up, w_out = self._weights()
+        x = sorted_x_TKxD
+        w_in, w_up, w_out = self._weights(x.dtype)
         kw = dict(backend=self.config.gmm_backend, tiling=self.config.gmm_tiling,
                   interpret=self.config.gmm_interpret)
-        x = sorted_x_TKxD.astype(self.config.dtype)
         h = gmm(x, w_in, group_sizes_E, **kw)
         up = gmm(x, w_up, group_sizes_E, **kw) if w_up is not None else None
         return gmm(self._hidden(h, up), w_out, group_sizes_E, **kw)
 
     def batched(self, x_ExCxD: jax.Array) -> jax.Array:
         """Capacity: a fixed ``[E, C, D]`` buffer, one batched matmul per projection."""
-        w_in, w_up, w_out = self._weights()
-        x = x_ExCxD.astype(self.config.dtype)
+        x = x_ExCxD
+        w_in, w_up, w_out = self._weights(x.dtype)
         h = jnp.einsum("ecd,edf->ecf", x, w_in)
         up = jnp.einsum("ecd,edf->ecf", x, w_up) if w_up is not None else None
         return jnp.einsum("ecf,efd->ecd", self._hidden(h, up), w_out)
 
     def _parallel_kw(self, layout: ExpertParallelLayout, x_TxD, assigned_TxK):
-        w_in, w_up, w_out = self._weights()
+        w_in, w_up, w_out = self._weights(x_TxD.dtype)
         return dict(
-            x_TxD=x_TxD.astype(self.config.dtype), w_in_ExDxF=w_in, w_out_ExFxD=w_out,
+            x_TxD=x_TxD, w_in_ExDxF=w_in, w_out_ExFxD=w_out,
             w_up_ExDxF=w_up, activation=ACTIVATION_FNS[self.config.activation],
             assigned_TxK=assigned_TxK, expert_axis=layout.expert_axis,
             token_axes=layout.token_axes, hidden_axes=layout.hidden_axes, remat=self.config.remat,
@@ -106,8 +107,8 @@ class Experts(nnx.Module):
 
     def dense(self, x_TxD: jax.Array, weights_TxE: jax.Array) -> jax.Array:
         """Dense: every expert on every token, outputs weighted by the ``[T, E]`` gates (f32)."""
-        w_in, w_up, w_out = self._weights()
-        x = x_TxD.astype(self.config.dtype)
+        x = x_TxD
+        w_in, w_up, w_out = self._weights(x.dtype)
         h = jnp.einsum("td,edf->tef", x, w_in)
         up = jnp.einsum("td,edf->tef", x, w_up) if w_up is not None else None
         y_TxExD = jnp.einsum("tef,efd->ted", self._hidden(h, up), w_out)
@@ -130,8 +131,8 @@ class SharedExperts(nnx.Module):
         self.w_out = param(rngs, (f, d), f, ("mlp", "embed"), config.param_dtype)
 
     def __call__(self, x_TxD: jax.Array) -> jax.Array:
-        dt = self.config.dtype
-        x = x_TxD.astype(dt)
+        x = x_TxD
+        dt = x.dtype
         h = ACTIVATION_FNS[self.config.activation](x @ self.w_in[...].astype(dt))
         if self.config.expert == "glu":
             h = h * (x @ self.w_up[...].astype(dt))

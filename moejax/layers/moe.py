@@ -49,6 +49,37 @@ class MoEAux(NamedTuple):
         return sum(self.losses.values(), jnp.zeros((), jnp.float32))
 
 
+def router_needs_rng(config: MoEConfig, train: bool) -> bool:
+    """Whether routing in this mode draws random numbers (routing noise, GShard's second-choice
+    sampling, input jitter)."""
+    return train and (config.router in NOISY_ROUTERS or config.router_jitter > 0
+                      or (config.router == "gshard" and config.gshard_policy != "all"))
+
+
+def rng_stream_name(config: MoEConfig, available) -> str | None:
+    """The rng stream routing noise is drawn from: ``config.rng_stream`` when the host provides it,
+    else ``dropout``, else ``default`` (``nnx.Rngs(0)``); None when there is none of them.
+
+    ``available`` is an ``nnx.Rngs`` or the names of the host's streams. Membership is checked by
+    name: ``nnx.Rngs`` would otherwise hand out its ``default`` stream for any missing name.
+    """
+    names = set(available) if not isinstance(available, nnx.Rngs) else {
+        n for n in (config.rng_stream, "dropout", "default") if n in available}
+    for name in (config.rng_stream, "dropout", "default"):
+        if name in names:
+            return name
+    return None
+
+
+def missing_stream_message(config: MoEConfig) -> str:
+    return (
+        f"router={config.router!r} draws random numbers in training (noise, jitter or sampling) "
+        f"but the host provides no rng stream {config.rng_stream!r} (MoEConfig.rng_stream) nor "
+        "'dropout': pass one (nnx.Rngs(router=...), or rngs={'router': key} in Linen apply), or "
+        "evaluate (deterministic=True, model.eval() or nnx.view(model, deterministic=True))"
+    )
+
+
 class RouterBias(nnx.Variable):
     """DeepSeek-V3's balancing bias: state updated by ``MoE.update_router_bias``, not by the optimiser."""
 
@@ -96,18 +127,26 @@ class Router(nnx.Module):
             self.w_router = param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype)
         if name == "deepseek_v3":
             self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
-        needs_rng = name in NOISY_ROUTERS or name == "gshard" or config.router_jitter > 0
-        self.rngs = rngs["router"].fork() if needs_rng else nnx.data(None)
+        self.rngs = nnx.data(None)
+        if self.needs_rng(train=True):
+            stream = rng_stream_name(config, rngs)
+            self.rngs = rngs[stream].fork() if stream is not None else nnx.data(None)
+
+    def set_view(self, deterministic: bool | None = None):
+        """``nnx.view(model, deterministic=True)``: routing without noise or jitter (eval)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def needs_rng(self, train: bool) -> bool:
+        return router_needs_rng(self.config, train)
 
     def _key(self, rngs):
         stream = rngs if rngs is not None else self.rngs
-        if stream is None:
-            raise ValueError(
-                f"router={self.config.router!r} in training mode needs a 'router' rng stream: build "
-                "the layer with rngs=nnx.Rngs(...) or call moe.eval()"
-            )
         if isinstance(stream, nnx.Rngs):
-            return stream["router"]()
+            name = rng_stream_name(self.config, stream)
+            stream = stream[name] if name is not None else None
+        if stream is None:
+            raise ValueError(missing_stream_message(self.config))
         if isinstance(stream, nnx.RngStream):
             return stream()
         return stream
@@ -118,10 +157,7 @@ class Router(nnx.Module):
         train = not (self.deterministic if deterministic is None else deterministic)
         name = c.router
         k = c.experts_per_token
-        key = self._key(rngs) if train and (
-            name in NOISY_ROUTERS or (name == "gshard" and c.gshard_policy != "all")
-            or c.router_jitter > 0
-        ) else None
+        key = self._key(rngs) if self.needs_rng(train) else None
         jitter_key = None
         if key is not None:
             key, jitter_key = jax.random.split(key)
@@ -205,6 +241,9 @@ class MoE(nnx.Module):
             )
         batch_shape = x.shape[:-1]
         num_tokens = math.prod(batch_shape)
+        compute_dtype = jnp.dtype(c.dtype or x.dtype)
+        if not jnp.issubdtype(compute_dtype, jnp.floating):
+            raise ValueError(f"x must have a floating dtype (or set MoEConfig.dtype), got {x.dtype}")
         x_TxD = constrain(x.reshape(num_tokens, c.d_model), ("batch", "embed"))
         token_ids_T = None
         if token_ids is not None:
@@ -226,16 +265,17 @@ class MoE(nnx.Module):
         routing = self.router(x_TxD, token_ids_T=token_ids_T, token_mask_T=token_mask_T,
                               sequence_length=sequence_length, deterministic=deterministic,
                               rngs=rngs)
-        y_TxD, dropped_fraction = self._dispatch(x_TxD, routing)
+        # The router reads the input as given (in f32); the experts compute in ``dtype``.
+        y_TxD, dropped_fraction = self._dispatch(x_TxD.astype(compute_dtype), routing)
         if c.num_shared_experts:
-            y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+            y_TxD = y_TxD + self.shared(x_TxD.astype(compute_dtype)).astype(jnp.float32)
         # Shared experts run on every row (static shapes); a masked token's output is 0 all the same.
         y_TxD = zero_masked(y_TxD, token_mask_T)
         losses = {name: getattr(c, LOSS_WEIGHT_FIELDS[name]) * value
                   for name, value in routing.aux_losses.items()}
         metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
         y_TxD = constrain(y_TxD, ("batch", "embed"))
-        y = y_TxD.astype(c.dtype).reshape(*batch_shape, c.d_model)
+        y = y_TxD.astype(compute_dtype).reshape(*batch_shape, c.d_model)
         return y, MoEAux(losses, metrics)
 
     def _dispatch(self, x_TxD, routing):
@@ -260,7 +300,7 @@ class MoE(nnx.Module):
             run = _maybe_remat(experts.dense, c.remat)
             return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
         # Under a mesh, each device dispatches its own tokens; the experts split over the expert axis.
-        layout = expert_parallel_layout()
+        layout = expert_parallel_layout(tokens=x_TxD, roles=c.mesh_roles)
         if layout is not None and c.dispatch == "capacity":
             return experts.capacity_parallel(layout, x_TxD, indices_TxK, weights_TxK,
                                              assigned_TxK)

@@ -43,12 +43,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import gmm
 from moejax.ops.gmm import runs_interpreted
-from moejax.parallel.mesh import as_axes, current_rules
+from moejax.parallel.mesh import (
+    DEFAULT_RULES,
+    MeshRoles,
+    as_axes,
+    current_rules,
+    has_explicit_axes,
+    rules_for,
+)
 
 
 def _size(mesh, axes: Sequence[str]) -> int:
@@ -72,13 +79,13 @@ def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, toke
             f"expert parallelism: x must be [T, D] and expert_indices [T, k], got {x_TxD.shape} "
             f"and {expert_indices_TxK.shape}"
         )
-    for axis in (expert_axis, *token_axes, *hidden_axes):
+    for axis in ((expert_axis,) if expert_axis else ()) + (*token_axes, *hidden_axes):
         if axis not in mesh.axis_names:
             raise ValueError(
                 f"expert parallelism: mesh axis {axis!r} is not one of the mesh's axes "
                 f"{tuple(mesh.axis_names)}"
             )
-    if expert_axis not in token_axes:
+    if expert_axis is not None and expert_axis not in token_axes:
         raise ValueError(
             f"expert parallelism: token_axes {token_axes} must include the expert axis "
             f"{expert_axis!r} (tokens are exchanged along it)"
@@ -87,7 +94,7 @@ def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, toke
         raise ValueError(
             f"expert parallelism: token_axes {token_axes} and hidden_axes {hidden_axes} overlap"
         )
-    ep = mesh.shape[expert_axis]
+    ep = mesh.shape[expert_axis] if expert_axis is not None else 1
     num_experts, _, d_ff = w_in_ExDxF.shape
     if num_experts % ep:
         raise ValueError(
@@ -109,6 +116,27 @@ def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, toke
             f"{hidden_axes} of total size {hidden_parts}"
         )
     return ep
+
+
+def _enter(mesh, specs, arrays):
+    """The arrays resharded to the ``Explicit`` part of their ``shard_map`` in_specs.
+
+    Under ``Explicit`` axes an array's type carries its sharding and ``shard_map`` requires it to
+    match; ``Auto`` axes are resharded by ``shard_map`` itself.
+    """
+    if not has_explicit_axes(mesh):
+        return arrays
+    explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+
+    def only_explicit(spec):
+        dims = []
+        for axes in spec:
+            kept = tuple(a for a in as_axes(axes) if a in explicit)
+            dims.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+        return PartitionSpec(*dims)
+
+    return tuple(x if x is None or spec is None else jax.sharding.reshard(x, only_explicit(spec))
+                 for x, spec in zip(arrays, specs))
 
 
 def _varying(x, axes):
@@ -180,7 +208,7 @@ def dropless_expert_parallel(
     activation: Callable[[jax.Array], jax.Array],
     assigned_TxK: jax.Array | None = None,
     mesh=None,
-    expert_axis: str = "expert",
+    expert_axis: str | None = "expert",
     token_axes: Sequence[str] = ("data", "fsdp", "expert"),
     hidden_axes: Sequence[str] = ("tensor",),
     exchange_factor: float | None = 2.0,
@@ -221,7 +249,8 @@ def dropless_expert_parallel(
     all_axes = tuple(mesh.axis_names)
 
     def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
-        offset = (jax.lax.axis_index(expert_axis) * experts_local).astype(jnp.int32)
+        offset = jnp.zeros((), jnp.int32) if expert_axis is None else (
+            jax.lax.axis_index(expert_axis) * experts_local).astype(jnp.int32)
 
         def run_experts(x_RxD, local_expert_Rx1, valid_Rx1):
             sorted_x, copies = dispatch_ops.permute(x_RxD, local_expert_Rx1 + offset,
@@ -249,19 +278,18 @@ def dropless_expert_parallel(
             sorted_y = jax.lax.cond(overflow, exchange(worst), exchange(fast))
         return dispatch_ops.unpermute(sorted_y, copies, weights_TxK, jnp.float32)
 
-    tokens = PartitionSpec(token_axes)
+    tokens = PartitionSpec(token_axes or None)
     hidden = hidden_axes or None
     w_in_spec = PartitionSpec(expert_axis, None, hidden)
     w_out_spec = PartitionSpec(expert_axis, hidden, None)
+    in_specs = (tokens, tokens, tokens, tokens, w_in_spec,
+                None if w_up_ExDxF is None else w_in_spec, w_out_spec)
     fn = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(tokens, tokens, tokens, tokens, w_in_spec,
-                  None if w_up_ExDxF is None else w_in_spec, w_out_spec),
-        out_specs=tokens,
+        local, mesh=mesh, in_specs=in_specs, out_specs=tokens,
         check_vma=not runs_interpreted(gmm_backend, gmm_interpret),
     )
-    return fn(x_TxD, expert_indices_TxK, combine_weights_TxK, assigned_TxK, w_in_ExDxF,
-              w_up_ExDxF, w_out_ExFxD)
+    return fn(*_enter(mesh, in_specs, (x_TxD, expert_indices_TxK, combine_weights_TxK,
+                                       assigned_TxK, w_in_ExDxF, w_up_ExDxF, w_out_ExFxD)))
 
 
 def capacity_expert_parallel(
@@ -277,7 +305,7 @@ def capacity_expert_parallel(
     activation: Callable[[jax.Array], jax.Array],
     assigned_TxK: jax.Array | None = None,
     mesh=None,
-    expert_axis: str = "expert",
+    expert_axis: str | None = "expert",
     token_axes: Sequence[str] = ("data", "fsdp", "expert"),
     hidden_axes: Sequence[str] = ("tensor",),
     remat: bool = False,
@@ -312,68 +340,86 @@ def capacity_expert_parallel(
         plan = dispatch_ops.capacity_dispatch(indices_TxK, weights_TxK, num_experts, capacity,
                                               capacity_order, assigned_TxK)
         d = x_TxD.shape[1]
-        send = dispatch_ops.capacity_gather(x_TxD, plan, k).reshape(ep, experts_local, capacity, d)
-        recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
-        x_LxRxD = jnp.swapaxes(recv, 0, 1).reshape(experts_local, ep * capacity, d)
-        y_LxRxD = (jax.checkpoint(ffn) if remat else ffn)(x_LxRxD, w_in, w_up, w_out)
-        y_back = jnp.swapaxes(y_LxRxD.reshape(experts_local, ep, capacity, d), 0, 1)
-        y_ExCxD = jax.lax.all_to_all(y_back, expert_axis, 0, 0, tiled=True).reshape(
-            num_experts, capacity, d)
+        run = jax.checkpoint(ffn) if remat else ffn
+        x_ExCxD = dispatch_ops.capacity_gather(x_TxD, plan, k)
+        if ep == 1:  # every expert is local: no exchange
+            y_ExCxD = run(x_ExCxD, w_in, w_up, w_out)
+        else:
+            send = x_ExCxD.reshape(ep, experts_local, capacity, d)
+            recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
+            x_LxRxD = jnp.swapaxes(recv, 0, 1).reshape(experts_local, ep * capacity, d)
+            y_LxRxD = run(x_LxRxD, w_in, w_up, w_out)
+            y_back = jnp.swapaxes(y_LxRxD.reshape(experts_local, ep, capacity, d), 0, 1)
+            y_ExCxD = jax.lax.all_to_all(y_back, expert_axis, 0, 0, tiled=True).reshape(
+                num_experts, capacity, d)
         y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, indices_TxK, weights_TxK,
                                               jnp.float32)
         dropped = jax.lax.psum(jnp.sum(assigned_TxK & ~plan.kept_TxK), token_axes)
         assigned = jax.lax.psum(jnp.sum(assigned_TxK), token_axes)
         return y_TxD, (dropped / jnp.maximum(assigned, 1)).astype(jnp.float32)
 
-    tokens = PartitionSpec(token_axes)
+    tokens = PartitionSpec(token_axes or None)
     hidden = hidden_axes or None
     w_in_spec = PartitionSpec(expert_axis, None, hidden)
-    fn = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(tokens, tokens, tokens, tokens, w_in_spec,
-                  None if w_up_ExDxF is None else w_in_spec,
-                  PartitionSpec(expert_axis, hidden, None)),
-        out_specs=(tokens, PartitionSpec()),
-    )
-    return fn(x_TxD, expert_indices_TxK, combine_weights_TxK, assigned_TxK, w_in_ExDxF,
-              w_up_ExDxF, w_out_ExFxD)
+    in_specs = (tokens, tokens, tokens, tokens, w_in_spec,
+                None if w_up_ExDxF is None else w_in_spec,
+                PartitionSpec(expert_axis, hidden, None))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec()))
+    return fn(*_enter(mesh, in_specs, (x_TxD, expert_indices_TxK, combine_weights_TxK,
+                                       assigned_TxK, w_in_ExDxF, w_up_ExDxF, w_out_ExFxD)))
 
 
 class ExpertParallelLayout(NamedTuple):
-    """Mesh axes of an expert-parallel layer: experts over ``expert_axis``, tokens over
-    ``token_axes``, the hidden dimension F over ``hidden_axes``."""
+    """Mesh axes of an expert-parallel layer: experts over ``expert_axis`` (None: every device holds
+    all experts), tokens over ``token_axes``, the hidden dimension F over ``hidden_axes``."""
 
-    expert_axis: str
+    expert_axis: str | None
     token_axes: tuple[str, ...]
     hidden_axes: tuple[str, ...]
 
 
-def expert_parallel_layout(mesh=None, rules=None) -> ExpertParallelLayout | None:
-    """The layout the current mesh and rules give the MoE layer, or None without a mesh.
+def expert_parallel_layout(mesh=None, rules=None, *, tokens=None,
+                           roles: MeshRoles | None = None) -> ExpertParallelLayout | None:
+    """The layout the current mesh gives the MoE layer, or None without a mesh. The host decides:
 
-    The ``expert`` rule names the expert axis (one mesh axis); tokens go over the ``batch`` rule's
-    axes plus the expert axis; F over the ``mlp`` rule's axes. The expert axis may have size 1:
-    each device then dispatches its own tokens to all E experts (no exchange), which is how data,
-    FSDP and tensor parallelism run the dispatch too. Left to GSPMD, the dropless sort would run
-    over the global batch (an all-gather of every token copy and the experts' work replicated
-    on every device). None also when the ``expert`` rule maps to no axis of the mesh.
+    * experts: ``roles.expert``, else the mesh axis the ``expert`` rule names (None when the rule
+      is missing or names no axis of this mesh: each device then holds all experts);
+    * hidden F: ``roles.hidden``, else the ``mlp`` rule's axes;
+    * tokens: ``roles.batch``; else, under ``Explicit`` axes, the axes the ``tokens`` array's type
+      splits its first dimension over; else the ``batch`` rule's axes (moejax's default ``batch``
+      axes present in the mesh when the host's rules have no ``batch``); plus the expert axis.
+
+    Rules are the active ones (Linen ``axis_rules``, ``nnx.logical_axis_rules``) or
+    :data:`DEFAULT_RULES`; axes the mesh lacks are ignored. Each device dispatches its own tokens
+    (under ``shard_map``): left to the compiler, the dropless sort would run over the global batch.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty:
         return None
-    table = dict(current_rules() if rules is None else rules)
-    expert_axes = as_axes(table.get("expert"))
+    roles = MeshRoles() if roles is None else roles
+    for axis in ((roles.expert,) if roles.expert else ()) + tuple(roles.batch or ()) + tuple(
+            roles.hidden or ()):
+        if axis not in mesh.axis_names:
+            raise ValueError(f"MeshRoles names mesh axis {axis!r}, which is not one of the mesh's "
+                             f"axes {tuple(mesh.axis_names)}")
+    table = dict(rules_for(mesh, rules))
+    expert_axes = (roles.expert,) if roles.expert else as_axes(table.get("expert"))
     if len(expert_axes) > 1:
         raise ValueError(
             f"expert parallelism runs over one mesh axis; the 'expert' rule maps to {expert_axes}"
         )
-    if not expert_axes or expert_axes[0] not in mesh.axis_names:
-        return None
-    expert_axis = expert_axes[0]
-    hidden = tuple(a for a in as_axes(table.get("mlp"))
-                   if a != expert_axis and a in mesh.axis_names)
-    tokens = tuple(a for a in as_axes(table.get("batch"))
-                   if a not in hidden and a in mesh.axis_names)
-    if expert_axis not in tokens:
-        tokens = tokens + (expert_axis,)
-    return ExpertParallelLayout(expert_axis, tokens, hidden)
+    expert_axis = expert_axes[0] if expert_axes else None
+    hidden = tuple(roles.hidden) if roles.hidden is not None else tuple(
+        a for a in as_axes(table.get("mlp")) if a != expert_axis)
+    if roles.batch is not None:
+        token_axes = tuple(roles.batch)
+    elif tokens is not None and has_explicit_axes(mesh):
+        token_axes = as_axes(jax.typeof(tokens).sharding.spec[0])
+    elif "batch" in table:
+        token_axes = as_axes(table["batch"])
+    else:
+        token_axes = as_axes(dict(rules_for(mesh, DEFAULT_RULES)).get("batch"))
+    token_axes = tuple(a for a in token_axes if a not in hidden and a != expert_axis)
+    if expert_axis is not None:
+        token_axes = token_axes + (expert_axis,)
+    return ExpertParallelLayout(expert_axis, token_axes, hidden)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -46,6 +46,17 @@ DEFAULT_RULES: Rules = (
     ("expert", "expert"),
     ("vocab", "tensor"),
 )
+
+
+class MeshRoles(NamedTuple):
+    """Which mesh axes play which part in the MoE layer, for meshes whose axes moejax's rules do
+    not name (e.g. ``('data', 'model')``): ``expert`` holds the experts (one axis), ``batch`` splits
+    the tokens, ``hidden`` splits the experts' hidden dimension F. None: from the logical rules.
+    """
+
+    expert: str | None = None
+    batch: tuple[str, ...] | None = None
+    hidden: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- mesh
@@ -121,27 +132,38 @@ def current_rules() -> Rules:
     return tuple(flax_spmd.get_logical_axis_rules()) or DEFAULT_RULES
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:
+def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None,
+                    mesh=None) -> PartitionSpec:
     """The ``PartitionSpec`` for an array whose dimensions have logical ``names`` (None: replicated).
 
-    A mesh axis already used by an earlier dimension is not used again (``[batch, length, embed]``
-    splits ``batch`` over ``fsdp`` and leaves ``embed`` whole).
+    The rule is a hint, never an error: a name the rules do not map is replicated, and with a
+    ``mesh`` the mesh axes it lacks are dropped. A mesh axis already used by an earlier dimension is
+    not used again (``[batch, length, embed]`` splits ``batch`` over ``fsdp`` and leaves ``embed``
+    whole).
     """
     table = dict(_check_rules(current_rules() if rules is None else rules))
+    present = None if mesh is None else set(mesh.axis_names)
     used: set[str] = set()
     spec = []
     for name in names:
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(
-                f"logical axis {name!r} has no rule; known logical axes: {sorted(table)}"
-            )
-        axes = tuple(a for a in as_axes(table[name]) if a not in used)
+        axes = tuple(a for a in as_axes(table.get(name)) if a not in used
+                     and (present is None or a in present)) if name is not None else ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
+
+
+def rules_for(mesh, rules: Rules | None = None) -> Rules:
+    """``rules`` (default: the active rules, or :data:`DEFAULT_RULES`) with the mesh axes ``mesh``
+    lacks dropped, so moejax's defaults fit a host's mesh of any axis names."""
+    rules = current_rules() if rules is None else _check_rules(rules)
+    return tuple((name, tuple(a for a in as_axes(axes) if a in mesh.axis_names) or None)
+                 for name, axes in rules)
+
+
+def has_explicit_axes(mesh) -> bool:
+    """Whether any axis of ``mesh`` is ``Explicit`` (sharding in types: the host's arrays carry it)."""
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
 def _axes_size(mesh, axes) -> int:
@@ -168,7 +190,7 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
     (experts split when the ``expert`` axis has size > 1), and :func:`constrain` places its
     constraints.
     """
-    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    rules = rules_for(mesh, DEFAULT_RULES) if rules is None else _check_rules(rules, mesh.axis_names)
     with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
         yield mesh
 
@@ -182,15 +204,16 @@ def active_mesh():
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names under the current mesh; ``x`` as is without one.
 
-    Mesh axes the current mesh lacks are skipped, and a dimension they do not divide is left to the
-    compiler (``PartitionSpec.UNCONSTRAINED``): the constraint is a hint, never an error.
+    A hint, never an error: mesh axes the current mesh lacks are skipped, and a dimension they do
+    not divide is left to the compiler (``PartitionSpec.UNCONSTRAINED``). Under a mesh with
+    ``Explicit`` axes the arrays' types carry the host's sharding, and ``x`` is returned as is.
     """
     mesh = active_mesh()
-    if mesh is None:
+    if mesh is None or has_explicit_axes(mesh):
         return x
     dims = []
-    for size, axes in zip(x.shape, logical_to_spec(names)):
-        axes = tuple(a for a in as_axes(axes) if a in mesh.axis_names)
+    for size, axes in zip(x.shape, logical_to_spec(names, mesh=mesh)):
+        axes = as_axes(axes)
         dims.append(axes or None if size % _axes_size(mesh, axes) == 0
                     else PartitionSpec.UNCONSTRAINED)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
@@ -199,11 +222,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 # --------------------------------------------------------------------------- parameters
 
 
-def _variable_spec(variable: nnx.Variable, rules: Rules) -> PartitionSpec:
+def _variable_spec(variable: nnx.Variable, rules: Rules, mesh) -> PartitionSpec:
     names = variable.get_metadata().get("out_sharding")
     if not names:
         return PartitionSpec()
-    return logical_to_spec(names, rules)
+    return logical_to_spec(names, rules, mesh)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
@@ -211,10 +234,10 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None)
 
     Raises a ValueError naming the parameter when the mesh axes do not divide one of its dimensions.
     """
-    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    rules = rules_for(mesh, DEFAULT_RULES) if rules is None else _check_rules(rules, mesh.axis_names)
 
     def one(path, variable):
-        spec = _variable_spec(variable, rules)
+        spec = _variable_spec(variable, rules, mesh)
         name = ".".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
         value = variable.get_value()
         check_divisible(value.shape, spec, mesh, f"parameter {name} {tuple(value.shape)}")
@@ -234,7 +257,7 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh,
     parameter. The values are those of ``factory()`` run eagerly on one device (up to float
     rounding: the jitted initialiser fuses its ops).
     """
-    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    rules = rules_for(mesh, DEFAULT_RULES) if rules is None else _check_rules(rules, mesh.axis_names)
     with use_mesh(mesh, rules):
         abstract = nnx.eval_shape(factory)
         graphdef, abstract_state = nnx.split(abstract)
@@ -257,7 +280,7 @@ def batch_spec(rules: Rules | None = None) -> PartitionSpec:
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
     """Sharding of a batch array: leading dimension over the ``batch`` rule's axes, the rest whole."""
-    rules = _check_rules(DEFAULT_RULES if rules is None else rules, mesh.axis_names)
+    rules = rules_for(mesh, DEFAULT_RULES) if rules is None else _check_rules(rules, mesh.axis_names)
     return NamedSharding(mesh, batch_spec(rules))
 
 

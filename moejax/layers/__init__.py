@@ -1,0 +1,1 @@
+"""flax.nnx building blocks of the MoE layer: ``MoEConfig``, ``Router``, ``Experts``, ``MoE``."""
