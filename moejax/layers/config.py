@@ -92,6 +92,9 @@ class MoEConfig:
     # Which axes of the host's mesh hold the experts, split the tokens and split F
     # (``moejax.parallel.MeshRoles``); None: from the active logical-axis rules.
     mesh_roles: MeshRoles | None = None
+    # Also sow the weighted aux loss and the metrics as intermediates (NNX ``nnx.Intermediate``,
+    # Linen ``intermediates``), summed by ``moejax.collect_aux``; ``moe(x)`` still returns them.
+    sow_aux: bool = False
 
     def __post_init__(self):
         from moejax.ops.routing import ROUTERS  # the registry is the single list of names
@@ -167,6 +170,9 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.ep_exchange_factor must be > 0 or None, got {self.ep_exchange_factor}"
             )
+        for name in ("sow_aux", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for loss, field in LOSS_WEIGHT_FIELDS.items():
             if getattr(self, field) < 0:
                 raise ValueError(f"MoEConfig.{field} (weight of {loss!r}) must be >= 0")

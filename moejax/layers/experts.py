@@ -9,6 +9,7 @@ from flax import nnx
 from moejax.layers.config import MoEConfig
 from moejax.ops import gmm
 from moejax.parallel import (
+    fallback_rules,
     ExpertParallelLayout,
     capacity_expert_parallel,
     dropless_expert_parallel,
@@ -24,14 +25,21 @@ ACTIVATION_FNS = {
 }
 
 
-def param(rngs: nnx.Rngs, shape, fan_in: int, axes, dtype) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape, fan_in: int, axes, dtype, sharding_rules=None) -> nnx.Param:
     """A ``N(0, 1/fan_in)`` parameter carrying logical axis names for ``moejax.parallel``.
 
-    Sharding is applied from these names by ``moejax.parallel`` (``eager_sharding=False``), so the
-    layer also builds with no mesh at all.
+    Sharding is applied from these names by ``moejax.parallel`` or the host (``eager_sharding=
+    False``), so the layer also builds with no mesh at all. ``sharding_rules``: see
+    ``moejax.parallel.fallback_rules``.
     """
     value = jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(fan_in ** -0.5, dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return logical_param(value, axes, sharding_rules)
+
+
+def logical_param(value, axes, sharding_rules=None) -> nnx.Param:
+    """``value`` as a parameter with logical ``axes`` (and the host mesh's fallback rules, if any)."""
+    extra = {} if sharding_rules is None else {"sharding_rules": sharding_rules}
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, **extra)
 
 
 class Experts(nnx.Module):
@@ -45,10 +53,11 @@ class Experts(nnx.Module):
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         e, d, f = config.num_experts, config.d_model, config.d_ff
         self.config = config
-        self.w_in = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), config.param_dtype)
+        dt, rules = config.param_dtype, fallback_rules(config.mesh_roles)
+        self.w_in = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), dt, rules)
         if config.expert == "glu":
-            self.w_up = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), config.param_dtype)
-        self.w_out = param(rngs, (e, f, d), f, ("expert", "mlp", "embed"), config.param_dtype)
+            self.w_up = param(rngs, (e, d, f), d, ("expert", "embed", "mlp"), dt, rules)
+        self.w_out = param(rngs, (e, f, d), f, ("expert", "mlp", "embed"), dt, rules)
 
     def _weights(self, dt):
         w_up = self.w_up[...].astype(dt) if self.config.expert == "glu" else None
@@ -125,10 +134,11 @@ class SharedExperts(nnx.Module):
         d = config.d_model
         f = config.num_shared_experts * (config.shared_d_ff or config.d_ff)
         self.config = config
-        self.w_in = param(rngs, (d, f), d, ("embed", "mlp"), config.param_dtype)
+        dt, rules = config.param_dtype, fallback_rules(config.mesh_roles)
+        self.w_in = param(rngs, (d, f), d, ("embed", "mlp"), dt, rules)
         if config.expert == "glu":
-            self.w_up = param(rngs, (d, f), d, ("embed", "mlp"), config.param_dtype)
-        self.w_out = param(rngs, (f, d), f, ("mlp", "embed"), config.param_dtype)
+            self.w_up = param(rngs, (d, f), d, ("embed", "mlp"), dt, rules)
+        self.w_out = param(rngs, (f, d), f, ("mlp", "embed"), dt, rules)
 
     def __call__(self, x_TxD: jax.Array) -> jax.Array:
         x = x_TxD

@@ -21,21 +21,27 @@ noise and input jitter are drawn only in training, from the ``router`` rng strea
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
-from moejax.layers.experts import Experts, SharedExperts, param
+from moejax.layers.experts import Experts, SharedExperts, logical_param, param
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
 from moejax.ops.routing.common import zero_masked
 from moejax.parallel import constrain, expert_parallel_layout
+from moejax.parallel.mesh import current_rules, fallback_rules
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
+# Names of the sown intermediates (MoEConfig.sow_aux).
+AUX_LOSS = "moe_aux_loss"
+AUX_METRICS = "moe_aux_metrics"
 
 
 class MoEAux(NamedTuple):
@@ -80,10 +86,12 @@ def missing_stream_message(config: MoEConfig) -> str:
     )
 
 
+@nnx.register_variable_name("router_bias")
 class RouterBias(nnx.Variable):
     """DeepSeek-V3's balancing bias: state updated by ``MoE.update_router_bias``, not by the optimiser."""
 
 
+@nnx.register_variable_name("router_table")
 class RouterTable(nnx.Variable):
     """The hash router's fixed token-id -> expert table (never trained)."""
 
@@ -103,11 +111,12 @@ class Router(nnx.Module):
         self.deterministic = False
         d, e = config.d_model, config.num_experts
         name = config.router
+        rules = fallback_rules(config.mesh_roles)
         if name == "noisy_top_k":
-            self.w_gate = nnx.Param(jnp.zeros((d, e), config.param_dtype),
-                                    out_sharding=("embed", "expert"), eager_sharding=False)
-            self.w_noise = nnx.Param(jnp.zeros((d, e), config.param_dtype),
-                                     out_sharding=("embed", "expert"), eager_sharding=False)
+            self.w_gate = logical_param(jnp.zeros((d, e), config.param_dtype), ("embed", "expert"),
+                                        rules)
+            self.w_noise = logical_param(jnp.zeros((d, e), config.param_dtype),
+                                         ("embed", "expert"), rules)
         elif name == "hierarchical_noisy_top_k":
             a = config.num_expert_groups
             b = e // a
@@ -117,14 +126,13 @@ class Router(nnx.Module):
                 ("w_gate_secondary", (a, d, b), (None, "embed", None)),
                 ("w_noise_secondary", (a, d, b), (None, "embed", None)),
             ):
-                setattr(self, attr, nnx.Param(jnp.zeros(shape, config.param_dtype),
-                                              out_sharding=axes, eager_sharding=False))
+                setattr(self, attr, logical_param(jnp.zeros(shape, config.param_dtype), axes, rules))
         elif name == "hash":
             self.table = RouterTable(
                 R.make_hash_table(config.hash_vocab_size, e, config.hash_seed)
             )
         else:
-            self.w_router = param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype)
+            self.w_router = param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype, rules)
         if name == "deepseek_v3":
             self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
         self.rngs = nnx.data(None)
@@ -232,7 +240,30 @@ class MoE(nnx.Module):
           are not dispatched, get output 0 and count in no loss or metric (module docstring).
         deterministic: overrides ``router.deterministic`` (eval mode: no noise, no jitter).
         rngs: overrides the router's stored rng stream.
+
+        Called eagerly (concrete arrays, no enclosing ``jit``/``grad``), the layer runs as one
+        compiled program per input shape instead of op by op; traced, it is traced inline.
         """
+        c = self.config
+        batch_shape = self._check_inputs(x, token_ids, token_mask)
+        deterministic = bool(self.router.deterministic if deterministic is None else deterministic)
+        if _all_concrete((nnx.state(self), x, token_ids, token_mask,
+                          None if isinstance(rngs, (nnx.Rngs, nnx.RngStream)) else rngs)):
+            key = self.router._key(rngs) if self.router.needs_rng(not deterministic) else None
+            # Sown values change the module's structure call by call: kept out of the cache key.
+            sown = nnx.pop(self, nnx.Intermediate)
+            graphdef, state = nnx.split(self)
+            nnx.update(self, sown)
+            y, aux = _eager_forward(graphdef, deterministic, current_rules(), state, x,
+                                    token_ids, token_mask, key)
+        else:
+            y, aux = self._forward(x, batch_shape, token_ids, token_mask, deterministic, rngs)
+        if c.sow_aux:
+            self.sow(nnx.Intermediate, AUX_LOSS, aux.total_loss)
+            self.sow(nnx.Intermediate, AUX_METRICS, aux.metrics)
+        return y, aux
+
+    def _check_inputs(self, x, token_ids, token_mask) -> tuple[int, ...]:
         c = self.config
         if x.ndim < 2 or x.shape[-1] != c.d_model:
             raise ValueError(
@@ -240,19 +271,12 @@ class MoE(nnx.Module):
                 f"dimension, got {x.shape}"
             )
         batch_shape = x.shape[:-1]
-        num_tokens = math.prod(batch_shape)
-        compute_dtype = jnp.dtype(c.dtype or x.dtype)
-        if not jnp.issubdtype(compute_dtype, jnp.floating):
+        if not jnp.issubdtype(jnp.dtype(c.dtype or x.dtype), jnp.floating):
             raise ValueError(f"x must have a floating dtype (or set MoEConfig.dtype), got {x.dtype}")
-        x_TxD = constrain(x.reshape(num_tokens, c.d_model), ("batch", "embed"))
-        token_ids_T = None
-        if token_ids is not None:
-            if token_ids.shape != batch_shape:
-                raise ValueError(
-                    f"token_ids must have x's batch shape {batch_shape}, got {token_ids.shape}"
-                )
-            token_ids_T = token_ids.reshape(num_tokens)
-        token_mask_T = None
+        if token_ids is not None and token_ids.shape != batch_shape:
+            raise ValueError(
+                f"token_ids must have x's batch shape {batch_shape}, got {token_ids.shape}"
+            )
         if token_mask is not None:
             shape, dtype = jnp.shape(token_mask), jnp.result_type(token_mask)
             if shape != batch_shape or dtype != jnp.bool_:
@@ -260,6 +284,16 @@ class MoE(nnx.Module):
                     f"token_mask must be a bool array with x's batch shape {batch_shape} (True = a "
                     f"real token), got {dtype} {shape}"
                 )
+        return batch_shape
+
+    def _forward(self, x, batch_shape, token_ids, token_mask, deterministic, rngs):
+        c = self.config
+        num_tokens = math.prod(batch_shape)
+        compute_dtype = jnp.dtype(c.dtype or x.dtype)
+        x_TxD = constrain(x.reshape(num_tokens, c.d_model), ("batch", "embed"))
+        token_ids_T = None if token_ids is None else token_ids.reshape(num_tokens)
+        token_mask_T = None
+        if token_mask is not None:
             token_mask_T = constrain(jnp.reshape(token_mask, (num_tokens,)), ("batch",))
         sequence_length = batch_shape[-1] if len(batch_shape) >= 2 else None
         routing = self.router(x_TxD, token_ids_T=token_ids_T, token_mask_T=token_mask_T,
@@ -339,3 +373,60 @@ class MoE(nnx.Module):
 
 def _maybe_remat(fn, remat: bool):
     return jax.checkpoint(fn) if remat else fn
+
+
+def _all_concrete(tree) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _eager_forward(graphdef, deterministic, rules, state, x, token_ids, token_mask, key):
+    """An eager call as one compiled program, cached per layer structure, input shapes and the
+    active logical-axis ``rules`` (part of the key: they shape the constraints)."""
+    del rules
+    layer = nnx.merge(graphdef, state)
+    return layer._forward(x, x.shape[:-1], token_ids, token_mask, deterministic, key)
+
+
+def collect_aux(source: Any) -> MoEAux:
+    """The aux losses and metrics sown by every MoE layer with ``MoEConfig.sow_aux=True``.
+
+    ``source``: an ``nnx.Module`` (the sown values are popped, so the next step starts from
+    none), an ``nnx.State``, or what a Linen ``apply(..., mutable=["intermediates"])`` returned
+    (its variables dict, or the ``(output, variables)`` pair). Returns :class:`MoEAux` keyed by
+    each layer's path: ``losses[path]`` is that layer's weighted aux loss summed over its calls
+    (and over a scanned stack), ``metrics[path + "/" + name]`` the metrics of its calls stacked;
+    ``.total_loss`` is what to add to the model's loss.
+    """
+    if isinstance(source, nnx.Module):
+        source = nnx.pop(source, nnx.All(nnx.Intermediate, nnx.Any(nnx.PathContains(AUX_LOSS),
+                                                                   nnx.PathContains(AUX_METRICS))))
+    elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], Mapping):
+        source = source[1]
+    if isinstance(source, Mapping) and "intermediates" in source:
+        source = source["intermediates"]
+    losses: dict[str, jax.Array] = {}
+    calls: dict[str, list[jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
+        # A Variable's value shows in the path as attribute ``value``.
+        keys = [_key_name(k) for k in path
+                if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
+        if AUX_LOSS in keys:
+            where = "/".join(keys[:keys.index(AUX_LOSS)])
+            total = jnp.sum(jnp.asarray(leaf, jnp.float32))
+            losses[where] = losses[where] + total if where in losses else total
+        elif AUX_METRICS in keys:
+            at = keys.index(AUX_METRICS)
+            # keys after the name: the call's index in the sown tuple, then the metric's name.
+            name = "/".join(keys[:at] + keys[at + 2:])
+            calls.setdefault(name, []).append(leaf)
+    metrics = {name: values[0] if len(values) == 1 else jnp.stack(values)
+               for name, values in calls.items()}
+    return MoEAux(losses, metrics)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)

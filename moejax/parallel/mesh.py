@@ -161,6 +161,36 @@ def rules_for(mesh, rules: Rules | None = None) -> Rules:
                  for name, axes in rules)
 
 
+def fallback_rules(roles: MeshRoles | None = None) -> Rules | None:
+    """Rules a layer built under a host's mesh stores on its parameters (``sharding_rules``), so
+    Flax's own recipe (``nnx.get_partition_spec`` + ``with_sharding_constraint``) works there.
+
+    Only for moejax's logical names the active rules do not map (Flax joins the two tables and
+    refuses a name mapped twice): the axes ``roles`` name, else moejax's default axes the mesh has,
+    else None (replicated). None when no mesh is active: the names stay logical.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return None
+    roles = MeshRoles() if roles is None else roles
+    host = dict(flax_spmd.get_logical_axis_rules())
+    defaults = dict(DEFAULT_RULES)
+    by_role = {"expert": (roles.expert,) if roles.expert else None, "mlp": roles.hidden,
+               "batch": roles.batch}
+    # One parameter names expert, embed and mlp together, and a mesh axis may split only one of
+    # its dimensions: the expert axis first, then mlp, then embed.
+    taken: set[str] = set()
+    fallback = []
+    for name in ("expert", "mlp", "embed", "batch", "length", "heads", "vocab"):
+        wanted = host[name] if name in host else by_role.get(name) or defaults.get(name)
+        axes = tuple(a for a in as_axes(wanted) if a in mesh.axis_names and (name == "batch" or a not in taken))
+        if name in ("expert", "mlp"):
+            taken.update(axes)
+        if name not in host:
+            fallback.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(fallback)
+
+
 def has_explicit_axes(mesh) -> bool:
     """Whether any axis of ``mesh`` is ``Explicit`` (sharding in types: the host's arrays carry it)."""
     return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
