@@ -349,12 +349,19 @@ def test_eager_calls_compile_once_per_shape(monkeypatch):
     monkeypatch.setattr(moe_module.MoE, "_forward", counting)
     layer = moejax.MoE(_config(num_experts=3, sow_aux=True), rngs=nnx.Rngs(0))
     x = _x()
-    y_first, _ = layer(x)
-    for _ in range(3):
+    y_first, aux = layer(x)
+    np.testing.assert_allclose(moejax.collect_aux(layer).total_loss, aux.total_loss)
+    for _ in range(2):  # sown values popped each step
         y, _ = layer(x)
+        moejax.collect_aux(layer)
     assert len(traces) == 1
-    layer(_x((2, 5, D)))
+    for _ in range(2):  # or captured (the captures are part of the structure: one more program)
+        (y, _), sown = nnx.capture(layer, nnx.Intermediate)(x)
+        assert list(moejax.collect_aux(sown).losses) == [""]
     assert len(traces) == 2
+    layer(_x((2, 5, D)))
+    moejax.collect_aux(layer)
+    assert len(traces) == 3
     # The compiled call equals the same layer traced inline.
     y_traced, _ = nnx.jit(lambda m, x: m(x))(layer, x)
     np.testing.assert_allclose(y, y_traced, rtol=1e-5, atol=1e-6)

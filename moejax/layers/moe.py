@@ -36,7 +36,7 @@ from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
 from moejax.ops.routing.common import zero_masked
 from moejax.parallel import constrain, expert_parallel_layout
-from moejax.parallel.mesh import current_rules, fallback_rules
+from moejax.parallel.mesh import current_rules, fallback_rules, replicated
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
 # Names of the sown intermediates (MoEConfig.sow_aux).
@@ -148,6 +148,12 @@ class Router(nnx.Module):
     def needs_rng(self, train: bool) -> bool:
         return router_needs_rng(self.config, train)
 
+    def _w(self, name: str) -> jax.Array:
+        """A router weight, whole on every device: the router is small, and under ``Explicit``
+        axes a weight split over the axis that also splits the tokens would split the logits twice.
+        """
+        return replicated(getattr(self, name)[...])
+
     def _key(self, rngs):
         stream = rngs if rngs is not None else self.rngs
         if isinstance(stream, nnx.Rngs):
@@ -174,20 +180,20 @@ class Router(nnx.Module):
             x = R.jitter(x, jitter_key, c.router_jitter)
         mask = dict(token_mask=token_mask_T)
         if name == "noisy_top_k":
-            return R.noisy_top_k(x, self.w_gate[...], self.w_noise[...], k, key=key, train=train,
+            return R.noisy_top_k(x, self._w("w_gate"), self._w("w_noise"), k, key=key, train=train,
                                  **mask)
         if name == "hierarchical_noisy_top_k":
             k_primary = c.topk_groups or 1
             return R.hierarchical_noisy_top_k(
-                x, self.w_gate_primary[...], self.w_noise_primary[...],
-                self.w_gate_secondary[...], self.w_noise_secondary[...],
+                x, self._w("w_gate_primary"), self._w("w_noise_primary"),
+                self._w("w_gate_secondary"), self._w("w_noise_secondary"),
                 k_primary, k // k_primary, key=key, train=train, **mask,
             )
         if name == "hash":
             if token_ids_T is None:
                 raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...)")
             return R.hash_route(token_ids_T, self.table[...], k, num_experts=c.num_experts, **mask)
-        logits_TxE = x @ self.w_router[...].astype(jnp.float32)
+        logits_TxE = x @ self._w("w_router").astype(jnp.float32)
         if name == "softmax":
             return R.softmax(logits_TxE, **mask)
         if name == "top_k":
@@ -250,18 +256,27 @@ class MoE(nnx.Module):
         if _all_concrete((nnx.state(self), x, token_ids, token_mask,
                           None if isinstance(rngs, (nnx.Rngs, nnx.RngStream)) else rngs)):
             key = self.router._key(rngs) if self.router.needs_rng(not deterministic) else None
-            # Sown values change the module's structure call by call: kept out of the cache key.
-            sown = nnx.pop(self, nnx.Intermediate)
+            # Sown values are part of the structure: pop them each step (``collect_aux``) or
+            # sow under ``nnx.capture`` to keep one compiled program.
             graphdef, state = nnx.split(self)
-            nnx.update(self, sown)
             y, aux = _eager_forward(graphdef, deterministic, current_rules(), state, x,
                                     token_ids, token_mask, key)
         else:
             y, aux = self._forward(x, batch_shape, token_ids, token_mask, deterministic, rngs)
         if c.sow_aux:
-            self.sow(nnx.Intermediate, AUX_LOSS, aux.total_loss)
-            self.sow(nnx.Intermediate, AUX_METRICS, aux.metrics)
+            self._sow(AUX_LOSS, aux.total_loss)
+            self._sow(AUX_METRICS, aux.metrics)
         return y, aux
+
+    def _sow(self, name: str, value) -> None:
+        """``sow`` into ``nnx.capture``'s intermediates; outside a capture (and under Linen's
+        bridge, which reads them into ``intermediates``) onto the layer, a tuple of calls."""
+        if hasattr(self, "__captures__"):
+            self.sow(nnx.Intermediate, name, value)
+        elif hasattr(self, name):
+            getattr(self, name).set_value(getattr(self, name).get_value() + (value,))
+        else:
+            setattr(self, name, nnx.Intermediate((value,)))
 
     def _check_inputs(self, x, token_ids, token_mask) -> tuple[int, ...]:
         c = self.config
@@ -391,8 +406,9 @@ def _eager_forward(graphdef, deterministic, rules, state, x, token_ids, token_ma
 def collect_aux(source: Any) -> MoEAux:
     """The aux losses and metrics sown by every MoE layer with ``MoEConfig.sow_aux=True``.
 
-    ``source``: an ``nnx.Module`` (the sown values are popped, so the next step starts from
-    none), an ``nnx.State``, or what a Linen ``apply(..., mutable=["intermediates"])`` returned
+    ``source``: the ``nnx.State`` of intermediates ``nnx.capture(model, nnx.Intermediate)``
+    returned, an ``nnx.Module`` called outside a capture (the sown values are popped, so the next
+    step starts from none), or what a Linen ``apply(..., mutable=["intermediates"])`` returned
     (its variables dict, or the ``(output, variables)`` pair). Returns :class:`MoEAux` keyed by
     each layer's path: ``losses[path]`` is that layer's weighted aux loss summed over its calls
     (and over a scanned stack), ``metrics[path + "/" + name]`` the metrics of its calls stacked;

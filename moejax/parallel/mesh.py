@@ -249,6 +249,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
 
 
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` whole on every device when its type carries a split over ``Explicit`` axes (a
+    reshard); ``x`` as is otherwise (``Auto`` axes leave the layout to the compiler)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(s is None for s in spec) or not has_explicit_axes(sharding.mesh):
+        return x
+    return jax.sharding.reshard(x, PartitionSpec())
+
+
 # --------------------------------------------------------------------------- parameters
 
 
