@@ -15,8 +15,12 @@ included) and it counts in no auxiliary loss and no metric (means run over the r
 Capacity dispatch keeps its static buffer ``C`` from all T tokens, so masked tokens leave slots free
 for real ones; expert choice fills ``expert_choice_capacity`` of the real-token count per expert.
 
-Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` toggle ``Router.deterministic``; routing
-noise and input jitter are drawn only in training, from the ``router`` rng stream.
+Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` and ``nnx.view(model, deterministic=True)``
+set ``Router.deterministic``; routing noise and input jitter are drawn only in training, from the
+``MoEConfig.rng_stream`` stream (default ``router``), else ``dropout``, else ``nnx.Rngs``' default.
+
+With ``MoEConfig.sow_aux`` the layer also sows its weighted aux loss and metrics (``nnx.capture``
+collects them, or they stay on the layer); :func:`collect_aux` sums them over a whole model.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ Model code names the dimensions of its parameters and activations with *logical*
 name to mesh axes. :data:`DEFAULT_RULES` is the table used when none is given; a config may pass
 its own (same format as ``flax.nnx.logical_axis_rules``: ``(logical, mesh axis | tuple | None)``
 pairs).
+
+Inside another model the host decides: its mesh (any axis names; ``Auto``, ``Explicit`` or mixed
+axis types) and its active rules (Linen ``axis_rules`` / ``nnx.logical_axis_rules``) are used as
+they are. One rule holds everywhere: a logical name the rules do not map is replicated (a hint,
+never an error), and mesh axes the mesh lacks are dropped. :class:`MeshRoles` names the axes that
+hold the experts, split the tokens and split F when the rules do not say.
 """
 
 from __future__ import annotations
