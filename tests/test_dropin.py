@@ -385,3 +385,12 @@ def test_linen_apply_without_the_router_bias_collection_names_it():
     with pytest.raises(ValueError, match="router_bias"):
         module.apply({"params": variables["params"]}, x)
     module.apply(variables, x)
+
+
+# --------------------------------------------------------------------------- the library half
+
+
+def test_every_routing_function_has_a_layer_adapter():
+    from moejax.ops import routing
+
+    assert sorted(moe_module.ROUTERS) == sorted(routing.ROUTERS)

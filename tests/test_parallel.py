@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec
 
 import moejax
 from moejax import parallel
+from moejax.ops.ffn import ExpertFFN
 from moejax.parallel.hlo import collectives
 
 D, F, E, K = 8, 16, 8, 2
@@ -220,10 +221,10 @@ def _exchange_case(mesh_shape, indices_TxK, exchange_factor):
     w_out = jax.random.normal(keys[2], (E, F, D)) / 4
     indices, weights = _routing_to(indices_TxK, num_tokens)
     with parallel.use_mesh(parallel.make_mesh(**mesh_shape)):
+        experts = ExpertFFN(w_in, w_out, activation="gelu", gmm_backend="reference")
         y = jax.jit(functools.partial(
             parallel.dropless_expert_parallel, exchange_factor=exchange_factor,
-            activation=lambda h: jax.nn.gelu(h, approximate=False), gmm_backend="reference",
-        ))(x, indices, weights, w_in, w_out)
+        ))(x, indices, weights, experts)
     np.testing.assert_allclose(np.asarray(y), _numpy_moe(x, indices, weights, w_in, w_out),
                                rtol=1e-5, atol=1e-5)
 
@@ -282,8 +283,7 @@ def test_capacity_expert_parallel_reports_the_fraction_dropped_over_all_devices(
     with parallel.use_mesh(mesh):
         _, dropped = jax.jit(functools.partial(
             parallel.capacity_expert_parallel, capacity_factor=capacity_factor,
-            activation=jax.nn.relu,
-        ))(x, indices, weights, w, w_out)
+        ))(x, indices, weights, ExpertFFN(w, w_out, activation="relu"))
     # 8 tokens per device, C = ceil(2 * 8 * 2 / 8) = 4: experts 0 and 5 each keep 4 of 8 copies.
     assert float(dropped) == pytest.approx(0.5)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -35,11 +35,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
-from moejax.layers.experts import Experts, SharedExperts, logical_param, param
+from moejax.layers.experts import Experts, SharedExperts
+from moejax.layers.params import logical_param, param
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops import routing as R
 from moejax.ops.routing.common import zero_masked
-from moejax.parallel import constrain, expert_parallel_layout
+from moejax.parallel import (
+    capacity_expert_parallel,
+    constrain,
+    dropless_expert_parallel,
+    expert_parallel_layout,
+)
 from moejax.parallel.mesh import current_rules, fallback_rules, replicated
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
@@ -100,45 +106,167 @@ class RouterTable(nnx.Variable):
     """The hash router's fixed token-id -> expert table (never trained)."""
 
 
+class RouteInputs(NamedTuple):
+    """What a router adapter routes: tokens in f32 (jittered in training), the noise key (None when
+    the router draws nothing) and the per-token extras."""
+
+    x_TxD: jax.Array
+    key: jax.Array | None
+    train: bool
+    token_ids_T: jax.Array | None
+    token_mask_T: jax.Array | None
+    sequence_length: int | None
+
+
+class RouterAdapter(NamedTuple):
+    """One router of the layer: its parameters (``make(config, rngs, rules)`` -> attribute name ->
+    variable) and its call (``route(router, inputs)`` -> ``Routing``)."""
+
+    make: Callable[..., dict[str, nnx.Variable]]
+    route: Callable[["Router", RouteInputs], Any]
+
+
+ROUTERS: dict[str, RouterAdapter] = {}
+
+
+def _logits_params(config, rngs, rules):
+    d, e = config.d_model, config.num_experts
+    return {"w_router": param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype, rules)}
+
+
+def register_router(name: str, make=_logits_params):
+    """Registers ``route`` as router ``name`` of the layer (logits routers keep the default
+    ``make``: one ``w_router`` [D, E]). The math itself lives in ``moejax.ops.routing``."""
+    def decorate(route):
+        ROUTERS[name] = RouterAdapter(make, route)
+        return route
+    return decorate
+
+
+def _noisy_params(config, rngs, rules):
+    d, e, dt = config.d_model, config.num_experts, config.param_dtype
+    # Zero-initialised, as Shazeer et al. prescribe: equal gates and unit-free noise at the start.
+    return {name: logical_param(jnp.zeros((d, e), dt), ("embed", "expert"), rules)
+            for name in ("w_gate", "w_noise")}
+
+
+def _hierarchical_params(config, rngs, rules):
+    d, a, dt = config.d_model, config.num_expert_groups, config.param_dtype
+    b = config.num_experts // a
+    shapes = {"w_gate_primary": ((d, a), ("embed", None)),
+              "w_noise_primary": ((d, a), ("embed", None)),
+              "w_gate_secondary": ((a, d, b), (None, "embed", None)),
+              "w_noise_secondary": ((a, d, b), (None, "embed", None))}
+    return {name: logical_param(jnp.zeros(shape, dt), axes, rules)
+            for name, (shape, axes) in shapes.items()}
+
+
+def _hash_params(config, rngs, rules):
+    return {"table": RouterTable(R.make_hash_table(config.hash_vocab_size, config.num_experts,
+                                                   config.hash_seed))}
+
+
+def _deepseek_params(config, rngs, rules):
+    return dict(_logits_params(config, rngs, rules),
+                bias=RouterBias(jnp.zeros((config.num_experts,), jnp.float32)))
+
+
+@register_router("noisy_top_k", make=_noisy_params)
+def _noisy_top_k(router, i):
+    return R.noisy_top_k(i.x_TxD, router._w("w_gate"), router._w("w_noise"),
+                         router.config.experts_per_token, key=i.key, train=i.train,
+                         token_mask=i.token_mask_T)
+
+
+@register_router("hierarchical_noisy_top_k", make=_hierarchical_params)
+def _hierarchical(router, i):
+    c = router.config
+    k_primary = c.topk_groups or 1
+    return R.hierarchical_noisy_top_k(
+        i.x_TxD, router._w("w_gate_primary"), router._w("w_noise_primary"),
+        router._w("w_gate_secondary"), router._w("w_noise_secondary"),
+        k_primary, c.experts_per_token // k_primary, key=i.key, train=i.train,
+        token_mask=i.token_mask_T)
+
+
+@register_router("hash", make=_hash_params)
+def _hash(router, i):
+    if i.token_ids_T is None:
+        raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...)")
+    c = router.config
+    return R.hash_route(i.token_ids_T, router.table[...], c.experts_per_token,
+                        num_experts=c.num_experts, token_mask=i.token_mask_T)
+
+
+@register_router("softmax")
+def _softmax(router, i):
+    return R.softmax(router.logits(i.x_TxD), token_mask=i.token_mask_T)
+
+
+@register_router("top_k")
+def _top_k(router, i):
+    c = router.config
+    return R.top_k(router.logits(i.x_TxD), c.experts_per_token, renormalize=c.renormalize,
+                   token_mask=i.token_mask_T)
+
+
+@register_router("switch")
+def _switch(router, i):
+    return R.switch(router.logits(i.x_TxD), token_mask=i.token_mask_T)
+
+
+@register_router("mixtral")
+def _mixtral(router, i):
+    return R.mixtral(router.logits(i.x_TxD), router.config.experts_per_token,
+                     token_mask=i.token_mask_T)
+
+
+@register_router("gshard")
+def _gshard(router, i):
+    policy = router.config.gshard_policy if i.train else "all"
+    return R.gshard(router.logits(i.x_TxD), policy=policy, key=i.key, token_mask=i.token_mask_T)
+
+
+@register_router("deepseek_v3", make=_deepseek_params)
+def _deepseek_v3(router, i):
+    c = router.config
+    return R.deepseek_v3(
+        router.logits(i.x_TxD), c.experts_per_token, router.bias[...],
+        routed_scaling_factor=c.routed_scaling_factor, num_groups=c.num_expert_groups,
+        topk_groups=c.topk_groups, sequence_length=i.sequence_length,
+        token_mask=i.token_mask_T)
+
+
+@register_router("expert_choice")
+def _expert_choice(router, i):
+    c = router.config
+    capacity = R.expert_choice_capacity(i.x_TxD.shape[0], c.num_experts, c.capacity_factor)
+    active = None if i.token_mask_T is None else R.expert_choice_active_capacity(
+        i.token_mask_T, c.num_experts, c.capacity_factor)
+    return R.expert_choice(router.logits(i.x_TxD), capacity, active_capacity=active,
+                           token_mask=i.token_mask_T)
+
+
 class Router(nnx.Module):
     """Router parameters and the call into ``moejax.ops.routing`` (all router math in float32).
 
-    Logits routers own ``w_router`` [D, E] (axes ``("embed", "expert")``). Noisy top-k owns ``w_gate``
-    and ``w_noise`` [D, E], zero-initialised as Shazeer et al. prescribe (equal gates and unit-free
-    noise at the start, so load starts balanced). Hierarchical noisy top-k owns primary [D, a] and
-    secondary [a, D, b] gates, also zero. DeepSeek-V3 adds ``bias`` [E] (a ``RouterBias``); hash owns
-    a ``RouterTable``.
+    Each router name is one :class:`RouterAdapter` in ``ROUTERS`` (its parameters and its call).
+    Logits routers own ``w_router`` [D, E] (axes ``("embed", "expert")``). Noisy top-k owns
+    ``w_gate`` and ``w_noise`` [D, E], zero-initialised as Shazeer et al. prescribe (equal gates and
+    unit-free noise at the start, so load starts balanced). Hierarchical noisy top-k owns primary
+    [D, a] and secondary [a, D, b] gates, also zero. DeepSeek-V3 adds ``bias`` [E] (a
+    ``RouterBias``); hash owns a ``RouterTable``.
     """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.deterministic = False
-        d, e = config.d_model, config.num_experts
-        name = config.router
-        rules = fallback_rules(config.mesh_roles)
-        if name == "noisy_top_k":
-            self.w_gate = logical_param(jnp.zeros((d, e), config.param_dtype), ("embed", "expert"),
-                                        rules)
-            self.w_noise = logical_param(jnp.zeros((d, e), config.param_dtype),
-                                         ("embed", "expert"), rules)
-        elif name == "hierarchical_noisy_top_k":
-            a = config.num_expert_groups
-            b = e // a
-            for attr, shape, axes in (
-                ("w_gate_primary", (d, a), ("embed", None)),
-                ("w_noise_primary", (d, a), ("embed", None)),
-                ("w_gate_secondary", (a, d, b), (None, "embed", None)),
-                ("w_noise_secondary", (a, d, b), (None, "embed", None)),
-            ):
-                setattr(self, attr, logical_param(jnp.zeros(shape, config.param_dtype), axes, rules))
-        elif name == "hash":
-            self.table = RouterTable(
-                R.make_hash_table(config.hash_vocab_size, e, config.hash_seed)
-            )
-        else:
-            self.w_router = param(rngs, (d, e), d, ("embed", "expert"), config.param_dtype, rules)
-        if name == "deepseek_v3":
-            self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
+        if config.router not in ROUTERS:
+            raise ValueError(f"MoEConfig.router must be one of {sorted(ROUTERS)}, got "
+                             f"{config.router!r}")
+        for name, variable in ROUTERS[config.router].make(
+                config, rngs, fallback_rules(config.mesh_roles)).items():
+            setattr(self, name, variable)
         self.rngs = nnx.data(None)
         if self.needs_rng(train=True):
             stream = rng_stream_name(config, rngs)
@@ -158,6 +286,10 @@ class Router(nnx.Module):
         """
         return replicated(getattr(self, name)[...])
 
+    def logits(self, x_TxD: jax.Array) -> jax.Array:
+        """``x @ w_router`` in f32, ``[T, E]``."""
+        return x_TxD @ self._w("w_router").astype(jnp.float32)
+
     def _key(self, rngs):
         stream = rngs if rngs is not None else self.rngs
         if isinstance(stream, nnx.Rngs):
@@ -173,54 +305,15 @@ class Router(nnx.Module):
                  deterministic=None, rngs=None):
         c = self.config
         train = not (self.deterministic if deterministic is None else deterministic)
-        name = c.router
-        k = c.experts_per_token
         key = self._key(rngs) if self.needs_rng(train) else None
         jitter_key = None
         if key is not None:
             key, jitter_key = jax.random.split(key)
         x = x_TxD.astype(jnp.float32)
-        if train and c.router_jitter > 0 and name != "hash":
+        if train and c.router_jitter > 0 and c.router != "hash":
             x = R.jitter(x, jitter_key, c.router_jitter)
-        mask = dict(token_mask=token_mask_T)
-        if name == "noisy_top_k":
-            return R.noisy_top_k(x, self._w("w_gate"), self._w("w_noise"), k, key=key, train=train,
-                                 **mask)
-        if name == "hierarchical_noisy_top_k":
-            k_primary = c.topk_groups or 1
-            return R.hierarchical_noisy_top_k(
-                x, self._w("w_gate_primary"), self._w("w_noise_primary"),
-                self._w("w_gate_secondary"), self._w("w_noise_secondary"),
-                k_primary, k // k_primary, key=key, train=train, **mask,
-            )
-        if name == "hash":
-            if token_ids_T is None:
-                raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...)")
-            return R.hash_route(token_ids_T, self.table[...], k, num_experts=c.num_experts, **mask)
-        logits_TxE = x @ self._w("w_router").astype(jnp.float32)
-        if name == "softmax":
-            return R.softmax(logits_TxE, **mask)
-        if name == "top_k":
-            return R.top_k(logits_TxE, k, renormalize=c.renormalize, **mask)
-        if name == "switch":
-            return R.switch(logits_TxE, **mask)
-        if name == "mixtral":
-            return R.mixtral(logits_TxE, k, **mask)
-        if name == "gshard":
-            return R.gshard(logits_TxE, policy=c.gshard_policy if train else "all", key=key,
-                            **mask)
-        if name == "deepseek_v3":
-            return R.deepseek_v3(
-                logits_TxE, k, self.bias[...], routed_scaling_factor=c.routed_scaling_factor,
-                num_groups=c.num_expert_groups, topk_groups=c.topk_groups,
-                sequence_length=sequence_length, **mask,
-            )
-        if name == "expert_choice":
-            capacity = R.expert_choice_capacity(x.shape[0], c.num_experts, c.capacity_factor)
-            active = None if token_mask_T is None else R.expert_choice_active_capacity(
-                token_mask_T, c.num_experts, c.capacity_factor)
-            return R.expert_choice(logits_TxE, capacity, active_capacity=active, **mask)
-        raise ValueError(f"MoEConfig.router must be one of {sorted(R.ROUTERS)}, got {name!r}")
+        inputs = RouteInputs(x, key, train, token_ids_T, token_mask_T, sequence_length)
+        return ROUTERS[c.router].route(self, inputs)
 
 
 class MoE(nnx.Module):
@@ -354,12 +447,15 @@ class MoE(nnx.Module):
             return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
         # Under a mesh, each device dispatches its own tokens; the experts split over the expert axis.
         layout = expert_parallel_layout(tokens=x_TxD, roles=c.mesh_roles)
-        if layout is not None and c.dispatch == "capacity":
-            return experts.capacity_parallel(layout, x_TxD, indices_TxK, weights_TxK,
-                                             assigned_TxK)
-        if layout is not None and c.dispatch == "dropless":
-            y_TxD = experts.dropless_parallel(layout, x_TxD, indices_TxK, weights_TxK,
-                                              assigned_TxK)
+        if layout is not None:
+            parallel_kw = dict(assigned_TxK=assigned_TxK, remat=c.remat, **layout._asdict())
+            ffn = experts.ffn(x_TxD.dtype)
+            if c.dispatch == "capacity":
+                return capacity_expert_parallel(
+                    x_TxD, indices_TxK, weights_TxK, ffn, capacity_factor=c.capacity_factor,
+                    capacity_order=c.capacity_order, **parallel_kw)
+            y_TxD = dropless_expert_parallel(x_TxD, indices_TxK, weights_TxK, ffn,
+                                             exchange_factor=c.ep_exchange_factor, **parallel_kw)
             return y_TxD, jnp.zeros((), jnp.float32)
         if c.dispatch == "capacity":
             num_tokens, k = indices_TxK.shape

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers.config import MoEConfig
-from moejax.layers.experts import ACTIVATION_FNS, param
+from moejax.layers.params import param
 from moejax.layers.moe import MoE
 from moejax.ops import routing as R
+from moejax.ops.ffn import ACTIVATION_FNS, ffn
 from moejax.parallel import constrain
 
 
@@ -188,10 +189,9 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x_BxLxD):
         dt = self.config.dtype
-        h_BxLxF = ACTIVATION_FNS[self.config.activation](
-            jnp.einsum("bld,df->blf", x_BxLxD.astype(dt), self.w_in[...].astype(dt)))
-        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(dt))
+        return ffn(x_BxLxD.astype(dt), self.w_in[...].astype(dt), self.w_out[...].astype(dt),
+                   activation=self.config.activation,
+                   hidden=lambda h: constrain(h, ("batch", "length", "mlp")))
 
 
 class Block(nnx.Module):

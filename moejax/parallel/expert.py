@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
 from moejax.ops import dispatch as dispatch_ops
-from moejax.ops import gmm
+from moejax.ops.ffn import ExpertFFN
 from moejax.ops.gmm import runs_interpreted
 from moejax.parallel.mesh import (
     DEFAULT_RULES,
@@ -71,7 +71,7 @@ def _resolve_mesh(mesh):
     return mesh
 
 
-def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+def _check_layout(mesh, x_TxD, expert_indices_TxK, experts, expert_axis, token_axes,
                   hidden_axes):
     if x_TxD.ndim != 2 or expert_indices_TxK.ndim != 2 or (
             expert_indices_TxK.shape[0] != x_TxD.shape[0]):
@@ -95,7 +95,10 @@ def _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, toke
             f"expert parallelism: token_axes {token_axes} and hidden_axes {hidden_axes} overlap"
         )
     ep = mesh.shape[expert_axis] if expert_axis is not None else 1
-    num_experts, _, d_ff = w_in_ExDxF.shape
+    if not isinstance(experts, ExpertFFN):
+        raise ValueError(f"expert parallelism: experts must be a moejax.ops.ffn.ExpertFFN, got "
+                         f"{type(experts).__name__}")
+    num_experts, _, d_ff = experts.w_in.shape
     if num_experts % ep:
         raise ValueError(
             f"expert parallelism: num_experts = {num_experts} is not divisible by the "
@@ -149,14 +152,13 @@ def _varying(x, axes):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _ffn(x_RxD, group_sizes_E, group_offset, w_in, w_up, w_out, *, activation, hidden_axes, kw):
+def _grouped(experts: ExpertFFN, x_RxD, group_sizes_E, group_offset, hidden_axes):
+    """This device's experts on its expert-sorted rows; summed over a split hidden dimension."""
     axes = tuple(sorted(jax.typeof(x_RxD).manual_axis_type.varying
-                        | jax.typeof(w_in).manual_axis_type.varying))
-    x_RxD, w_in, w_out = (_varying(a, axes) for a in (x_RxD, w_in, w_out))
-    h = activation(gmm(x_RxD, w_in, group_sizes_E, group_offset=group_offset, **kw))
-    if w_up is not None:
-        h = h * gmm(x_RxD, _varying(w_up, axes), group_sizes_E, group_offset=group_offset, **kw)
-    y = gmm(h, w_out, group_sizes_E, group_offset=group_offset, **kw)
+                        | jax.typeof(experts.w_in).manual_axis_type.varying))
+    x_RxD = _varying(x_RxD, axes)
+    experts = jax.tree.map(lambda w: _varying(w, axes), experts)
+    y = experts.grouped(x_RxD, group_sizes_E, group_offset)
     return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 
 
@@ -201,20 +203,14 @@ def dropless_expert_parallel(
     x_TxD: jax.Array,
     expert_indices_TxK: jax.Array,
     combine_weights_TxK: jax.Array,
-    w_in_ExDxF: jax.Array,
-    w_out_ExFxD: jax.Array,
+    experts: ExpertFFN,
     *,
-    w_up_ExDxF: jax.Array | None = None,
-    activation: Callable[[jax.Array], jax.Array],
     assigned_TxK: jax.Array | None = None,
     mesh=None,
     expert_axis: str | None = "expert",
     token_axes: Sequence[str] = ("data", "fsdp", "expert"),
     hidden_axes: Sequence[str] = ("tensor",),
     exchange_factor: float | None = 2.0,
-    gmm_backend: str = "auto",
-    gmm_tiling: tuple[int, int, int] | None = None,
-    gmm_interpret: bool | None = None,
     remat: bool = False,
 ) -> jax.Array:
     """Dropless MoE FFN with the experts split over ``expert_axis``; returns ``y_TxD`` in f32.
@@ -222,9 +218,10 @@ def dropless_expert_parallel(
     Same result as ``unpermute(FFN(permute(x)))`` on one device. Global shapes in, global shapes out:
     ``x_TxD`` [T, D] and the routing ``[T, k]`` arrays are split over ``token_axes`` (T must be
     divisible by their product), the weights ``[E, D, F]`` / ``[E, F, D]`` over ``expert_axis``
-    (E divisible by its size) and, for F, over ``hidden_axes``. ``exchange_factor``: rows per
-    destination in the fast exchange as a multiple of the average (``None``: always the worst-case
-    buffers); see the module docstring. Weights and x should already be in the compute dtype.
+    (E divisible by its size) and, for F, over ``hidden_axes``. ``experts`` holds the weights and
+    how to run them (activation, gmm backend, tiling). ``exchange_factor``: rows per destination in
+    the fast exchange as a multiple of the average (``None``: always the worst-case buffers); see
+    the module docstring. Weights and x should already be in the compute dtype.
 
     The ``shard_map`` checks varying mesh axes (``check_vma``) except when the gmm backend is a
     Pallas kernel in interpret mode, which JAX's HLO interpreter cannot run under that check.
@@ -232,11 +229,11 @@ def dropless_expert_parallel(
     mesh = _resolve_mesh(mesh)
     token_axes = as_axes(token_axes)
     hidden_axes = tuple(a for a in as_axes(hidden_axes) if mesh.shape[a] > 1)
-    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, experts, expert_axis, token_axes,
                        hidden_axes)
     if exchange_factor is not None and not exchange_factor > 0:
         raise ValueError(f"exchange_factor must be > 0 or None, got {exchange_factor}")
-    num_experts = w_in_ExDxF.shape[0]
+    num_experts = experts.num_experts
     experts_local = num_experts // ep
     k = expert_indices_TxK.shape[1]
     tokens_local = x_TxD.shape[0] // _size(mesh, token_axes)
@@ -245,7 +242,6 @@ def dropless_expert_parallel(
         worst, math.ceil(exchange_factor * worst / ep))
     if assigned_TxK is None:
         assigned_TxK = jnp.ones(expert_indices_TxK.shape, bool)
-    gmm_kw = dict(backend=gmm_backend, tiling=gmm_tiling, interpret=gmm_interpret)
     all_axes = tuple(mesh.axis_names)
 
     def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
@@ -255,15 +251,16 @@ def dropless_expert_parallel(
         def run_experts(x_RxD, local_expert_Rx1, valid_Rx1):
             sorted_x, copies = dispatch_ops.permute(x_RxD, local_expert_Rx1 + offset,
                                                     num_experts, valid_Rx1)
-            sorted_y = ffn(sorted_x, copies.group_sizes_E, offset, w_in, w_up, w_out)
+            sorted_y = ffn(local_experts, sorted_x, copies.group_sizes_E, offset)
             ones_Rx1 = jnp.ones(valid_Rx1.shape, jnp.float32)
             return dispatch_ops.unpermute(sorted_y, copies, ones_Rx1, sorted_y.dtype)
 
+        local_experts = experts.with_weights(w_in, w_up, w_out)
         sorted_x, copies = dispatch_ops.permute(x_TxD, indices_TxK, num_experts, assigned_TxK)
-        ffn = functools.partial(_ffn, activation=activation, hidden_axes=hidden_axes, kw=gmm_kw)
+        ffn = functools.partial(_grouped, hidden_axes=hidden_axes)
         ffn = jax.checkpoint(ffn) if remat else ffn
         if ep == 1:  # every expert is local: no exchange, no second sort
-            sorted_y = ffn(sorted_x, copies.group_sizes_E, offset, w_in, w_up, w_out)
+            sorted_y = ffn(local_experts, sorted_x, copies.group_sizes_E, offset)
             return dispatch_ops.unpermute(sorted_y, copies, weights_TxK, jnp.float32)
 
         def exchange(capacity):
@@ -283,26 +280,23 @@ def dropless_expert_parallel(
     w_in_spec = PartitionSpec(expert_axis, None, hidden)
     w_out_spec = PartitionSpec(expert_axis, hidden, None)
     in_specs = (tokens, tokens, tokens, tokens, w_in_spec,
-                None if w_up_ExDxF is None else w_in_spec, w_out_spec)
+                None if experts.w_up is None else w_in_spec, w_out_spec)
     fn = jax.shard_map(
         local, mesh=mesh, in_specs=in_specs, out_specs=tokens,
-        check_vma=not runs_interpreted(gmm_backend, gmm_interpret),
+        check_vma=not runs_interpreted(experts.gmm_backend, experts.gmm_interpret),
     )
     return fn(*_enter(mesh, in_specs, (x_TxD, expert_indices_TxK, combine_weights_TxK,
-                                       assigned_TxK, w_in_ExDxF, w_up_ExDxF, w_out_ExFxD)))
+                                       assigned_TxK, *experts.weights)))
 
 
 def capacity_expert_parallel(
     x_TxD: jax.Array,
     expert_indices_TxK: jax.Array,
     combine_weights_TxK: jax.Array,
-    w_in_ExDxF: jax.Array,
-    w_out_ExFxD: jax.Array,
+    experts: ExpertFFN,
     *,
     capacity_factor: float,
     capacity_order: str = "first_come",
-    w_up_ExDxF: jax.Array | None = None,
-    activation: Callable[[jax.Array], jax.Array],
     assigned_TxK: jax.Array | None = None,
     mesh=None,
     expert_axis: str | None = "expert",
@@ -319,9 +313,9 @@ def capacity_expert_parallel(
     mesh = _resolve_mesh(mesh)
     token_axes = as_axes(token_axes)
     hidden_axes = tuple(a for a in as_axes(hidden_axes) if mesh.shape[a] > 1)
-    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, w_in_ExDxF, expert_axis, token_axes,
+    ep = _check_layout(mesh, x_TxD, expert_indices_TxK, experts, expert_axis, token_axes,
                        hidden_axes)
-    num_experts = w_in_ExDxF.shape[0]
+    num_experts = experts.num_experts
     experts_local = num_experts // ep
     k = expert_indices_TxK.shape[1]
     tokens_local = x_TxD.shape[0] // _size(mesh, token_axes)
@@ -330,10 +324,7 @@ def capacity_expert_parallel(
         assigned_TxK = jnp.ones(expert_indices_TxK.shape, bool)
 
     def ffn(x_LxRxD, w_in, w_up, w_out):
-        h = activation(jnp.einsum("lrd,ldf->lrf", x_LxRxD, w_in))
-        if w_up is not None:
-            h = h * jnp.einsum("lrd,ldf->lrf", x_LxRxD, w_up)
-        y = jnp.einsum("lrf,lfd->lrd", h, w_out)
+        y = experts.with_weights(w_in, w_up, w_out).batched(x_LxRxD)
         return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 
     def local(x_TxD, indices_TxK, weights_TxK, assigned_TxK, w_in, w_up, w_out):
@@ -362,11 +353,11 @@ def capacity_expert_parallel(
     hidden = hidden_axes or None
     w_in_spec = PartitionSpec(expert_axis, None, hidden)
     in_specs = (tokens, tokens, tokens, tokens, w_in_spec,
-                None if w_up_ExDxF is None else w_in_spec,
+                None if experts.w_up is None else w_in_spec,
                 PartitionSpec(expert_axis, hidden, None))
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec()))
     return fn(*_enter(mesh, in_specs, (x_TxD, expert_indices_TxK, combine_weights_TxK,
-                                       assigned_TxK, w_in_ExDxF, w_up_ExDxF, w_out_ExFxD)))
+                                       assigned_TxK, *experts.weights)))
 
 
 class ExpertParallelLayout(NamedTuple):

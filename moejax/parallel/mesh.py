@@ -173,7 +173,7 @@ def fallback_rules(roles: MeshRoles | None = None) -> Rules | None:
 
     Only for moejax's logical names the active rules do not map (Flax joins the two tables and
     refuses a name mapped twice): the axes ``roles`` name, else moejax's default axes the mesh has,
-    else None (replicated). None when no mesh is active: the names stay logical.
+    else None (replicated). None when no mesh is active or the active rules map every name.
     """
     mesh = active_mesh()
     if mesh is None:
@@ -194,7 +194,7 @@ def fallback_rules(roles: MeshRoles | None = None) -> Rules | None:
             taken.update(axes)
         if name not in host:
             fallback.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
-    return tuple(fallback)
+    return tuple(fallback) or None
 
 
 def has_explicit_axes(mesh) -> bool:
