@@ -7,6 +7,7 @@ on one device.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -120,6 +121,45 @@ def test_presharded_input_under_an_explicit_eight_device_mesh_equals_no_mesh(dis
         y1, _ = nnx.jit(lambda m, x: m(x))(layer, xs)
         assert y1.sharding.spec[0] == "data"
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+
+
+AXIS_TYPES = {
+    "explicit": (AxisType.Explicit, AxisType.Explicit),
+    "mixed": (AxisType.Explicit, AxisType.Auto),
+    "auto": (AxisType.Auto, AxisType.Auto),
+}
+ROUTER_DISPATCH = [("expert_choice", "capacity"), ("mixtral", "dropless"),
+                   ("mixtral", "capacity"), ("softmax", "dense"), ("deepseek_v3", "dropless")]
+
+
+def _dispatch_config(router, dispatch):
+    k = 4 if router == "softmax" else 2
+    return _config(router=router, dispatch=dispatch, experts_per_token=k, capacity_factor=4.0)
+
+
+def _forward_and_grad(layer, x):
+    y, aux = layer(x)
+    return y, aux.total_loss, nnx.grad(lambda x: jnp.sum(layer(x)[0] ** 2))(x)
+
+
+@functools.cache
+def _unsharded(router, dispatch):
+    layer = moejax.MoE(_dispatch_config(router, dispatch), rngs=nnx.Rngs(0))
+    return nnx.jit(_forward_and_grad)(layer, _x())
+
+
+@pytest.mark.parametrize("axis_types", sorted(AXIS_TYPES))
+@pytest.mark.parametrize("router, dispatch", ROUTER_DISPATCH)
+def test_every_dispatch_under_explicit_mixed_and_auto_axes_equals_no_mesh(router, dispatch,
+                                                                         axis_types):
+    config, x = _dispatch_config(router, dispatch), _x()
+    want = _unsharded(router, dispatch)
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=AXIS_TYPES[axis_types])
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+        got = nnx.jit(_forward_and_grad)(moejax.MoE(config, rngs=nnx.Rngs(0)), xs)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 3. the host's rules

@@ -46,7 +46,7 @@ from moejax.parallel import (
     dropless_expert_parallel,
     expert_parallel_layout,
 )
-from moejax.parallel.mesh import current_rules, fallback_rules, replicated
+from moejax.parallel.mesh import current_rules, fallback_rules, like, replicated
 
 NOISY_ROUTERS = ("noisy_top_k", "hierarchical_noisy_top_k")
 # Names of the sown intermediates (MoEConfig.sow_aux).
@@ -243,8 +243,10 @@ def _expert_choice(router, i):
     capacity = R.expert_choice_capacity(i.x_TxD.shape[0], c.num_experts, c.capacity_factor)
     active = None if i.token_mask_T is None else R.expert_choice_active_capacity(
         i.token_mask_T, c.num_experts, c.capacity_factor)
-    return R.expert_choice(router.logits(i.x_TxD), capacity, active_capacity=active,
-                           token_mask=i.token_mask_T)
+    # Each expert picks from every token of the batch: the logits whole on every device.
+    mask = None if i.token_mask_T is None else replicated(i.token_mask_T)
+    return R.expert_choice(replicated(router.logits(i.x_TxD)), capacity, active_capacity=active,
+                           token_mask=mask)
 
 
 class Router(nnx.Module):
@@ -413,6 +415,7 @@ class MoE(nnx.Module):
                               rngs=rngs)
         # The router reads the input as given (in f32); the experts compute in ``dtype``.
         y_TxD, dropped_fraction = self._dispatch(x_TxD.astype(compute_dtype), routing)
+        y_TxD = like(y_TxD, x_TxD)  # expert choice combines on whole-batch buffers
         if c.num_shared_experts:
             y_TxD = y_TxD + self.shared(x_TxD.astype(compute_dtype)).astype(jnp.float32)
         # Shared experts run on every row (static shapes); a masked token's output is 0 all the same.
@@ -421,7 +424,7 @@ class MoE(nnx.Module):
                   for name, value in routing.aux_losses.items()}
         metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
         y_TxD = constrain(y_TxD, ("batch", "embed"))
-        y = y_TxD.astype(compute_dtype).reshape(*batch_shape, c.d_model)
+        y = like(y_TxD.astype(compute_dtype).reshape(*batch_shape, c.d_model), x)
         return y, MoEAux(losses, metrics)
 
     def _dispatch(self, x_TxD, routing):
@@ -430,7 +433,7 @@ class MoE(nnx.Module):
         if isinstance(routing, R.ExpertChoiceRouting):
             tokens_ExC = routing.token_indices
             run = _maybe_remat(experts.batched, c.remat)
-            y_ExCxD = run(x_TxD[tokens_ExC]).astype(jnp.float32)
+            y_ExCxD = run(replicated(x_TxD)[tokens_ExC]).astype(jnp.float32)
             weighted = y_ExCxD * routing.combine_weights.astype(jnp.float32)[..., None]
             y_TxD = jnp.zeros(x_TxD.shape, jnp.float32).at[tokens_ExC.reshape(-1)].add(
                 weighted.reshape(-1, c.d_model)
@@ -441,8 +444,10 @@ class MoE(nnx.Module):
         # Routers give masked tokens (and GShard's dropped second choices) weight 0.
         assigned_TxK = weights_TxK != 0
         if c.dispatch == "dense":
-            weights_TxE = dispatch_ops.dense_combine_weights(indices_TxK, weights_TxK,
-                                                             c.num_experts)
+            # One-hot gates (not a scatter): elementwise, so a split batch stays split.
+            weights_TxE = jnp.einsum("tke,tk->te", jax.nn.one_hot(indices_TxK, c.num_experts,
+                                                                  dtype=jnp.float32),
+                                     weights_TxK.astype(jnp.float32))
             run = _maybe_remat(experts.dense, c.remat)
             return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
         # Under a mesh, each device dispatches its own tokens; the experts split over the expert axis.

@@ -265,6 +265,16 @@ def replicated(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, PartitionSpec())
 
 
+def like(y: jax.Array, x: jax.Array) -> jax.Array:
+    """``y`` resharded to ``x``'s sharding when ``x``'s type carries one over ``Explicit`` axes (the
+    layer's output keeps its input's layout); ``y`` as is otherwise."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if (sharding is None or not has_explicit_axes(sharding.mesh) or y.shape != x.shape
+            or getattr(jax.typeof(y), "sharding", None) == sharding):
+        return y
+    return jax.sharding.reshard(y, sharding.spec)
+
+
 # --------------------------------------------------------------------------- parameters
 
 
