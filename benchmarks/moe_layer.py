@@ -1,17 +1,32 @@
 """MoE layer benchmark: dropless vs a dense FFN of equal active FLOPs, vs capacity dispatch, vs one-hot.
 
-For each (T, E): forward+backward time (median of interleaved repeats, one process) and the compiled
-peak memory of
+For each (activation, T, E): forward+backward time and the compiled peak memory of
 
+  * ``dense_ffn``       one FFN with ``d_ff * k`` hidden units: the same active FLOPs as k experts,
+  * ``balanced einsum`` the E experts alone on T·k/E copies each (batched einsums, no router, no
+                        dispatch): the floor for any layer with E experts' weights and gradients,
   * ``dropless``        moejax.MoE, dispatch="dropless" (sort + gmm on the ``cpu`` backend here),
   * ``capacity cf=c``   moejax.MoE, dispatch="capacity" with capacity factor c,
-  * ``onehot cf=1.25``  the GShard-style ``[T, E, C]`` one-hot dispatch/combine einsum (reference),
-  * ``dense_ffn``       one FFN with ``d_ff * k`` hidden units: the same active FLOPs as k experts.
+  * ``onehot cf=1.25``  the GShard-style ``[T, E, C]`` one-hot dispatch/combine einsum (reference).
 
-d_model 512, d_ff 512, k = 2, top-k router. Ratios are to ``dense_ffn`` measured in the same run.
+d_model 512, d_ff 512, k = 2, top-k router, activation ``relu`` and exact ``gelu`` (erf; its cost
+is the same in every case and dilutes the dispatch overhead, relu shows it). Ratios are to
+``dense_ffn`` measured in the same run.
 
-    python benchmarks/moe_layer.py            # full table (~10 min on 2 cores)
-    python benchmarks/moe_layer.py --quick    # small shapes, seconds
+Every case is measured the same way: the same ``[T, d_model]`` float32 input array, the loss
+``sum(y ** 2)`` (plus the layer's weighted auxiliary losses), ``jax.value_and_grad`` with respect to
+the parameters *and* the input, one jitted function per case, compiled and run twice before timing.
+Repeats are interleaved (each round visits every case, starting one case later than the round
+before) and each timed call comes right after an untimed call of the same case: on this VM a call
+that follows a case with a much larger footprint (the one-hot case frees gigabytes) pays for
+faulting its memory back in, which is the predecessor's cost, not its own. Medians of wall-clock
+time; process CPU time medians too (they move less when other processes share the cores); the
+1-minute load average before and after each block.
+
+    python benchmarks/moe_layer.py                       # full table (~20 min on 2 cores)
+    python benchmarks/moe_layer.py --quick               # small shapes, seconds
+    python benchmarks/moe_layer.py --tokens 8192 --experts 8 64 --cases dense_ffn dropless
+    python benchmarks/moe_layer.py --order-effect        # why the old dense baseline was slow
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -33,37 +49,74 @@ import moejax
 from moejax import MoEConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda h: jax.nn.gelu(h, approximate=False)}
+CASES = ("dense_ffn", "balanced einsum", "dropless", "capacity cf=1.0", "capacity cf=1.25",
+         "capacity cf=2.0", "onehot cf=1.25")
 
 
-def _loss_fn_for_layer(layer):
-    graphdef, state = nnx.split(layer)
+def _value_and_grad(loss):
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def layer_config(num_experts, d, f, k, activation, **overrides):
+    base = dict(d_model=d, d_ff=f, num_experts=num_experts, experts_per_token=k, router="top_k",
+                load_balancing_weight=0.01, z_loss_weight=0.0, gmm_backend="cpu",
+                activation=activation, dispatch="dropless")
+    return MoEConfig(**{**base, **overrides})
+
+
+def moe_layer_case(config):
+    """``(fn, state)``: fn(state, x) = value and gradients of ``sum(y**2) + aux`` wrt state and x."""
+    graphdef, state = nnx.split(moejax.MoE(config, rngs=nnx.Rngs(0)))
 
     def loss(state, x):
         y, aux = nnx.merge(graphdef, state)(x)
         return jnp.sum(y.astype(jnp.float32) ** 2) + aux.total_loss
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), state
+    return _value_and_grad(loss), state
 
 
-def _dense_ffn(d, f, key):
+def dense_ffn_case(d, f, activation, key):
     k1, k2 = jax.random.split(key)
     params = {"w_in": jax.random.normal(k1, (d, f)) * d ** -0.5,
               "w_out": jax.random.normal(k2, (f, d)) * f ** -0.5}
+    act = ACTIVATIONS[activation]
 
     def loss(params, x):
-        y = jax.nn.gelu(x @ params["w_in"], approximate=False) @ params["w_out"]
+        y = act(x @ params["w_in"]) @ params["w_out"]
         return jnp.sum(y ** 2)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+    return _value_and_grad(loss), params
 
 
-def _onehot_capacity(d, f, num_experts, k, capacity_factor, num_tokens, key):
+def balanced_einsum_case(num_tokens, d, f, num_experts, k, activation, key):
+    """The experts alone on equal groups: ``T·k / E`` copies each, one batched einsum per projection,
+    no router and no dispatch. What any layer holding (and differentiating) E experts' weights
+    pays at least: the FLOPs of the dense FFN, plus E times its weight memory to read and to write
+    as gradients."""
+    if num_tokens * k % num_experts:
+        raise ValueError(f"T·k = {num_tokens * k} does not split into {num_experts} equal groups")
+    k1, k2 = jax.random.split(key)
+    params = {"w_in": jax.random.normal(k1, (num_experts, d, f)) * d ** -0.5,
+              "w_out": jax.random.normal(k2, (num_experts, f, d)) * f ** -0.5}
+    act = ACTIVATIONS[activation]
+
+    def loss(params, x):
+        x_ExCxD = jnp.tile(x, (k, 1)).reshape(num_experts, num_tokens * k // num_experts, d)
+        h = act(jnp.einsum("ecd,edf->ecf", x_ExCxD, params["w_in"]))
+        return jnp.sum(jnp.einsum("ecf,efd->ecd", h, params["w_out"]) ** 2)
+
+    return _value_and_grad(loss), params
+
+
+def onehot_case(d, f, num_experts, k, capacity_factor, num_tokens, activation, key):
     """GShard's formulation: dispatch and combine tensors [T, E, C] and two einsums."""
     capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
     k1, k2, k3 = jax.random.split(key, 3)
     params = {"w_router": jax.random.normal(k1, (d, num_experts)) * d ** -0.5,
               "w_in": jax.random.normal(k2, (num_experts, d, f)) * d ** -0.5,
               "w_out": jax.random.normal(k3, (num_experts, f, d)) * f ** -0.5}
+    act = ACTIVATIONS[activation]
 
     def loss(params, x):
         probs = jax.nn.softmax(x @ params["w_router"])
@@ -78,12 +131,39 @@ def _onehot_capacity(d, f, num_experts, k, capacity_factor, num_tokens, key):
         dispatch_TxExC = slot_TxKxExC.sum(axis=1)
         combine_TxExC = jnp.einsum("tk,tkec->tec", gates, slot_TxKxExC)
         x_ExCxD = jnp.einsum("tec,td->ecd", dispatch_TxExC, x)
-        h = jax.nn.gelu(jnp.einsum("ecd,edf->ecf", x_ExCxD, params["w_in"]), approximate=False)
+        h = act(jnp.einsum("ecd,edf->ecf", x_ExCxD, params["w_in"]))
         y_ExCxD = jnp.einsum("ecf,efd->ecd", h, params["w_out"])
         y = jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD)
         return jnp.sum(y ** 2)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+    return _value_and_grad(loss), params
+
+
+def _onehot_fits(num_tokens, num_experts, k):
+    capacity = math.ceil(1.25 * num_tokens * k / num_experts)
+    return num_tokens * k * num_experts * capacity * 4 < 2e9  # the [T, k, E, C] f32 tensor
+
+
+def make_cases(names, num_tokens, num_experts, d, f, k, activation):
+    key = jax.random.key(0)
+    cases = {}
+    for name in names:
+        if name == "dense_ffn":
+            cases[name] = dense_ffn_case(d, f * k, activation, key)
+        elif name == "balanced einsum":
+            cases[name] = balanced_einsum_case(num_tokens, d, f, num_experts, k, activation, key)
+        elif name == "dropless":
+            cases[name] = moe_layer_case(layer_config(num_experts, d, f, k, activation))
+        elif name.startswith("capacity cf="):
+            cf = float(name.split("=")[1])
+            cases[name] = moe_layer_case(layer_config(num_experts, d, f, k, activation,
+                                                      dispatch="capacity", capacity_factor=cf))
+        elif name == "onehot cf=1.25":
+            if _onehot_fits(num_tokens, num_experts, k):
+                cases[name] = onehot_case(d, f, num_experts, k, 1.25, num_tokens, activation, key)
+        else:
+            raise ValueError(f"unknown case {name!r}; known: {CASES}")
+    return cases
 
 
 def _peak_bytes(fn, *args):
@@ -94,46 +174,77 @@ def _peak_bytes(fn, *args):
             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def _cases(num_tokens, num_experts, d, f, k, include_onehot):
-    key = jax.random.key(0)
-    cases = {"dense_ffn": _dense_ffn(d, f * k, key)}
-    base = dict(d_model=d, d_ff=f, num_experts=num_experts, experts_per_token=k, router="top_k",
-                load_balancing_weight=0.01, z_loss_weight=0.0, gmm_backend="cpu")
-    cases["dropless"] = _loss_fn_for_layer(
-        moejax.MoE(MoEConfig(dispatch="dropless", **base), rngs=nnx.Rngs(0)))
-    for cf in (1.0, 1.25, 2.0):
-        cases[f"capacity cf={cf}"] = _loss_fn_for_layer(moejax.MoE(
-            MoEConfig(dispatch="capacity", capacity_factor=cf, **base), rngs=nnx.Rngs(0)))
-    if include_onehot:
-        cases["onehot cf=1.25"] = _onehot_capacity(d, f, num_experts, k, 1.25, num_tokens, key)
-    return cases
+def _timed(fn, params, x):
+    jax.block_until_ready(fn(params, x))  # untimed: the case's own memory state
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(params, x))
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _onehot_fits(num_tokens, num_experts, k):
-    capacity = math.ceil(1.25 * num_tokens * k / num_experts)
-    return num_tokens * k * num_experts * capacity * 4 < 2e9  # the [T, k, E, C] f32 tensor
-
-
-def measure(num_tokens, num_experts, d, f, k, repeats):
+def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
     x = jax.random.normal(jax.random.key(1), (num_tokens, d), jnp.float32)
-    cases = _cases(num_tokens, num_experts, d, f, k, _onehot_fits(num_tokens, num_experts, k))
+    cases = make_cases(names, num_tokens, num_experts, d, f, k, activation)
+    load_before = os.getloadavg()[0]
     rows = {}
     for name, (fn, params) in cases.items():
-        jax.block_until_ready(fn(params, x))  # compile + warm up
-        rows[name] = {"times": [], "peak_bytes": _peak_bytes(fn, params, x)}
-    for _ in range(repeats):
-        for name, (fn, params) in cases.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(params, x))
-            rows[name]["times"].append(time.perf_counter() - start)
-    base = statistics.median(rows["dense_ffn"]["times"])
+        for _ in range(2):
+            jax.block_until_ready(fn(params, x))  # compile, then one run
+        rows[name] = {"wall": [], "cpu": [], "peak_bytes": _peak_bytes(fn, params, x)}
+    order = list(cases)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            fn, params = cases[name]
+            wall, cpu = _timed(fn, params, x)
+            rows[name]["wall"].append(wall)
+            rows[name]["cpu"].append(cpu)
+    load_after = os.getloadavg()[0]
+    base = rows.get("dense_ffn")
     out = []
     for name, row in rows.items():
-        median = statistics.median(row["times"])
-        out.append({"tokens": num_tokens, "experts": num_experts, "case": name,
-                    "seconds": median, "ratio_to_dense_ffn": median / base,
-                    "peak_mib": row["peak_bytes"] / 2**20})
+        wall, cpu = statistics.median(row["wall"]), statistics.median(row["cpu"])
+        out.append({
+            "activation": activation, "tokens": num_tokens, "experts": num_experts, "case": name,
+            "seconds": wall, "cpu_seconds": cpu,
+            "ratio_to_dense_ffn": wall / statistics.median(base["wall"]) if base else None,
+            "cpu_ratio_to_dense_ffn": cpu / statistics.median(base["cpu"]) if base else None,
+            "peak_mib": row["peak_bytes"] / 2**20, "times": row["wall"],
+            "load_before": load_before, "load_after": load_after,
+        })
     return out
+
+
+def order_effect(repeats, num_tokens=8192, num_experts=64, d=512, f=512, k=2, activation="gelu"):
+    """The dense FFN timed right after the one-hot case (the committed table's old order: every
+    round ran the cases in a fixed order, the dense FFN first, the one-hot case last) and right
+    after a call of its own, in alternating pairs. Wall and CPU time, and the minor page faults."""
+    x = jax.random.normal(jax.random.key(1), (num_tokens, d), jnp.float32)
+    cases = make_cases(["dense_ffn", "onehot cf=1.25"], num_tokens, num_experts, d, f, k,
+                       activation)
+    (dense, dense_params), (onehot, onehot_params) = cases["dense_ffn"], cases["onehot cf=1.25"]
+    for _ in range(2):
+        jax.block_until_ready(dense(dense_params, x))
+        jax.block_until_ready(onehot(onehot_params, x))
+    load_before = os.getloadavg()[0]
+    rows = {"after the one-hot case": [], "after itself": []}
+    for _ in range(repeats):
+        for name, (before_fn, before_params) in (("after the one-hot case", (onehot, onehot_params)),
+                                                  ("after itself", (dense, dense_params))):
+            jax.block_until_ready(before_fn(before_params, x))
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            wall = time.perf_counter()
+            jax.block_until_ready(dense(dense_params, x))
+            wall = time.perf_counter() - wall
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            rows[name].append({"seconds": wall,
+                               "cpu_seconds": (after.ru_utime - usage.ru_utime
+                                               + after.ru_stime - usage.ru_stime),
+                               "system_seconds": after.ru_stime - usage.ru_stime,
+                               "page_faults": after.ru_minflt - usage.ru_minflt})
+    summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+               for name, runs in rows.items()}
+    return {"tokens": num_tokens, "experts": num_experts, "activation": activation,
+            "repeats": repeats, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "dense_ffn": summary, "runs": rows}
 
 
 def _plot(results, path):
@@ -142,49 +253,82 @@ def _plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    token_counts = sorted({r["tokens"] for r in results})
-    fig, axes = plt.subplots(1, 2 * len(token_counts), figsize=(6 * len(token_counts) * 2, 4))
-    for col, tokens in enumerate(token_counts):
-        subset = [r for r in results if r["tokens"] == tokens]
+    panels = sorted({(r["activation"], r["tokens"]) for r in results})
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7), squeeze=False)
+    for col, (activation, tokens) in enumerate(panels):
+        subset = [r for r in results if (r["activation"], r["tokens"]) == (activation, tokens)]
         names = list(dict.fromkeys(r["case"] for r in subset))
         experts = sorted({r["experts"] for r in subset})
-        for metric, ax in (("ratio_to_dense_ffn", axes[2 * col]), ("peak_mib", axes[2 * col + 1])):
+        for metric, ax in (("ratio_to_dense_ffn", axes[0, col]), ("peak_mib", axes[1, col])):
             for name in names:
                 pts = [(r["experts"], r[metric]) for r in subset if r["case"] == name]
                 ax.plot(*zip(*pts), marker="o", label=name)
             ax.set_xscale("log", base=2)
             ax.set_xticks(experts, [str(e) for e in experts])
             ax.set_xlabel("experts")
-            ax.set_title(f"T={tokens}: {'time / dense FFN' if metric.startswith('ratio') else 'peak MiB'}")
-        axes[2 * col].legend(fontsize=7)
+            what = "time / dense FFN" if metric.startswith("ratio") else "peak MiB"
+            ax.set_title(f"{activation}, T={tokens}: {what}")
+        axes[0, col].axhline(1.0, color="grey", lw=0.5)
+        axes[0, col].set_yscale("log", base=2)
+        axes[0, col].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tokens", type=int, nargs="+", default=None)
+    parser.add_argument("--experts", type=int, nargs="+", default=None)
+    parser.add_argument("--activations", nargs="+", default=list(ACTIVATIONS),
+                        choices=list(ACTIVATIONS))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--order-effect", action="store_true",
+                        help="only time the dense FFN right after the one-hot case and right "
+                             "after itself (results/moe_layer_order.json)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="folder for the JSON and the plot (with --tokens/--experts/--cases, "
+                             "only printed unless given)")
     args = parser.parse_args()
+    if args.order_effect:
+        result = order_effect(args.repeats)
+        result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for name, r in result["dense_ffn"].items():
+            print(f"dense FFN {name:24s} {r['seconds']:.3f} s wall, {r['cpu_seconds']:.3f} s CPU "
+                  f"({r['system_seconds']:.3f} s system), {r['page_faults']:.0f} page faults")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "moe_layer_order.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+        return
     if args.quick:
         shapes, d, f, experts = [256], 64, 64, [4, 16]
     else:
         shapes, d, f, experts = [2048, 8192], 512, 512, [8, 64, 256]
+    partial = args.tokens or args.experts or args.cases != list(CASES)
+    shapes, experts = args.tokens or shapes, args.experts or experts
     results = []
-    print(f"{'T':>6} {'E':>4} {'case':<16} {'fwd+bwd s':>10} {'x dense':>8} {'peak MiB':>9}")
-    for num_tokens in shapes:
-        for num_experts in experts:
-            for row in measure(num_tokens, num_experts, d, f, 2, args.repeats):
-                results.append(row)
-                print(f"{row['tokens']:>6} {row['experts']:>4} {row['case']:<16} "
-                      f"{row['seconds']:>10.4f} {row['ratio_to_dense_ffn']:>8.2f} "
-                      f"{row['peak_mib']:>9.1f}", flush=True)
+    print(f"{'act':>4} {'T':>6} {'E':>4} {'case':<16} {'fwd+bwd s':>10} {'x dense':>8} "
+          f"{'cpu x dense':>11} {'peak MiB':>9} {'load':>9}")
+    for activation in args.activations:
+        for num_tokens in shapes:
+            for num_experts in experts:
+                for row in measure(args.cases, num_tokens, num_experts, d, f, 2, activation,
+                                   args.repeats):
+                    results.append(row)
+                    ratio = row["ratio_to_dense_ffn"] or float("nan")
+                    cpu_ratio = row["cpu_ratio_to_dense_ffn"] or float("nan")
+                    print(f"{activation:>4} {row['tokens']:>6} {row['experts']:>4} "
+                          f"{row['case']:<16} {row['seconds']:>10.4f} {ratio:>8.2f} "
+                          f"{cpu_ratio:>11.2f} {row['peak_mib']:>9.1f} "
+                          f"{row['load_before']:>4.1f}-{row['load_after']:<4.1f}", flush=True)
+    if partial and args.out == os.path.join(HERE, "results"):
+        return
     os.makedirs(args.out, exist_ok=True)
     stem = "moe_layer_quick" if args.quick else "moe_layer"
-    meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(), "d_model": d, "d_ff": f, "k": 2,
-            "repeats": args.repeats}
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "d_model": d, "d_ff": f, "k": 2, "repeats": args.repeats}
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
     _plot(results, os.path.join(args.out, stem + ".png"))
