@@ -1,6 +1,7 @@
 """The XLA-only CPU backend of gmm/tgmm (``backend="cpu"``) against ragged_dot and NumPy."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,28 @@ def test_scratch_memory_stays_linear_not_groups_times_rows():
     both = jax.jit(jax.value_and_grad(lambda a, b, s: ours(a, b, s).sum(), (0, 1)))
     for fn in (forward, both):
         assert fn.lower(*args).compile().memory_analysis().temp_size_in_bytes <= bound
+
+
+def _big_copies(hlo_text, min_elements):
+    """Shapes of the ``copy`` instructions with at least ``min_elements`` in optimized HLO."""
+    shapes = re.findall(r"= f32\[([\d,]+)\]\S* copy\(", hlo_text)
+    return [s for s in shapes if np.prod([int(d) for d in s.split(",")]) >= min_elements]
+
+
+def test_two_layer_ffn_gradient_copies_no_output_sized_buffer():
+    # Every gmm/tgmm output starts as zeros updated in place by a loop. Zeros that XLA merged
+    # into one buffer would be copied once per loop: more memory written (and on the CPU faulted
+    # in afresh) on every call.
+    m, d, f, g = 96, 16, 16, 4
+    x, sizes = jnp.zeros((m, d)), jnp.asarray([30, 0, 50, 16], jnp.int32)
+    w_in, w_out = jnp.zeros((g, d, f)), jnp.zeros((g, f, d))
+
+    def loss(x, w_in, w_out):
+        h = jax.nn.relu(gmm(x, w_in, sizes, tiling=(16, 128, 128), backend="cpu"))
+        return jnp.sum(gmm(h, w_out, sizes, tiling=(16, 128, 128), backend="cpu") ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    assert _big_copies(step.lower(x, w_in, w_out).compile().as_text(), g * d * f) == []
 
 
 _chunk_plan = jax.jit(cpu.chunk_plan, static_argnums=(2, 3, 4))

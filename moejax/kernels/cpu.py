@@ -24,15 +24,19 @@ cheap next to the matmul), so its chunks may spill.
 
 gmm: per group, ``rhs[g]`` is sliced once and each chunk writes ``lhs[chunk] @ rhs[g]`` into the
 output, which is carried through the loops and updated in place. Rows of non-local groups and rows
-past ``sum(group_sizes)`` keep the zeros the output starts with.
+past ``sum(group_sizes)`` keep the zeros the output starts with. Those zeros are computed from the
+call's operands: XLA merges equal ``jnp.zeros`` of several calls into one buffer and then copies
+it for every loop that updates it, and it allocates them no earlier than the operands exist (on
+the CPU each call's temporaries are fresh pages, faulted in on first touch, so memory is time).
 tgmm: per group, the first chunk's ``lhs[chunk].T @ rhs[chunk]`` starts an f32 accumulator (a
 ``lax.switch`` on its size: no zero fill and no add for one-chunk groups), the other chunks add to
 it, and the group's ``[k, n]`` block is written once. Empty groups are skipped (an empty group's
 weights are never read; its tgmm block keeps the output's zeros).
 
-Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
-transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
-copy of ``rhs``), and ``drhs = tgmm(lhs, dout)``.
+Backward (``moejax.ops.gmm``'s custom VJP): ``drhs = tgmm(lhs, dout)``, then ``dlhs = gmm(dout,
+rhs, transpose_rhs=not transpose_rhs)``, whose transposed contraction is a ``dot_general`` on
+``rhs[g]`` (no transposed copy of ``rhs``). :func:`sequence_after` makes dlhs wait for drhs, so that
+dlhs's output can reuse the memory of an ``lhs`` that dies with the weight gradient.
 
 Accumulation is f32 whatever the input dtype. ``interpret`` is ignored, and so are ``tk`` and ``tn``.
 """
@@ -141,6 +145,38 @@ def _operands(lhs, rhs):
     return jax.lax.optimization_barrier((lhs.astype(dtype), rhs.astype(dtype)))
 
 
+def _false_from(*values):
+    """A False scalar that XLA computes from ``values`` and cannot fold: ``(a != a) & (a == a)`` is
+    False for every ``a`` (NaN included)."""
+    false = jnp.zeros((), jnp.bool_)
+    for value in values:
+        if value.size:
+            a = value.reshape(-1)[0].astype(jnp.float32)
+            false = false | ((a != a) & (a == a))
+    return false
+
+
+def _own_zeros(shape, dtype, *operands):
+    """Zeros for a loop to update in place, computed from this call's operands.
+
+    Plain ``jnp.zeros`` of equal shape are one buffer to XLA (common subexpressions are merged),
+    and every loop that updates it in place then gets a copy of it: one more output-sized buffer
+    written, and faulted in, per call. Zeros computed from the operands stay this call's own, and
+    are not allocated before the operands exist.
+    """
+    return jnp.broadcast_to(_false_from(*operands).astype(dtype), shape)
+
+
+def sequence_after(value, *earlier):
+    """``value`` (int32) unchanged, but computed from ``earlier``: what reads it waits for them.
+
+    gmm's backward runs its weight gradient first and passes ``group_offset`` through this to the
+    input gradient, whose output buffer is then allocated only once the weight gradient's inputs
+    may be dead (on the CPU every byte of a program's temporaries is faulted in afresh per call).
+    """
+    return value + _false_from(*earlier).astype(value.dtype)
+
+
 def _chunk_start(nominal, group_end, c: int, m: int):
     """Row where a ``c``-row chunk starts: ``nominal``, or earlier to end at the group's end."""
     return jnp.clip(jnp.minimum(nominal, group_end - c), 0, m - c)
@@ -154,10 +190,11 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type)
-    out_MxN = _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes)
     if m == 0 or num_local == 0:
-        return out_MxN
+        return _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes)
     lhs, rhs = _operands(lhs, rhs)
+    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs, group_offset), lhs, rhs,
+                            group_sizes)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_local, m, tm)
     dims = (((1,), (1,)) if transpose_rhs else ((1,), (0,)), ((), ()))
@@ -208,10 +245,11 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     m, k = lhs.shape
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
-    out_GxKxN = _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes)
     if m == 0:
-        return out_GxKxN
+        return _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes)
     lhs, rhs = _operands(lhs, rhs)
+    out_GxKxN = _own_zeros((num_groups, k, n), out_dtype, lhs, rhs, group_offset)
+    out_GxKxN = _varying_like(out_GxKxN, lhs, rhs, group_sizes)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_groups, m, tm, may_spill=True)
     dims = (((0,), (0,)), ((), ()))
@@ -258,4 +296,5 @@ def _varying_like(x, *operands):
     axes = set()
     for operand in operands:
         axes |= jax.typeof(operand).manual_axis_type.varying
+    axes -= set(jax.typeof(x).manual_axis_type.varying)
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x

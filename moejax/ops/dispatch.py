@@ -3,10 +3,12 @@
 Three modes, all with static shapes and group sizes kept on device:
 
 * **dropless** (MegaBlocks, Gale et al. 2022): :func:`permute` sorts the copies by expert into a
-  ``[T·k, D]`` buffer with contiguous groups for :func:`moejax.ops.gmm`; :func:`unpermute` restores token
-  order and combines the k expert outputs with the gates (in f32). Both have custom VJPs whose
-  backward passes are gathers by the inverse permutation instead of the scatter-adds autodiff of a
-  gather would produce.
+  ``[T·k, D]`` buffer with contiguous groups for :func:`moejax.ops.gmm`; :func:`unpermute` restores
+  token order and combines the k expert outputs with the gates (in f32). Both have custom VJPs whose
+  backward passes are gathers by the permutation or its inverse instead of the scatter-adds
+  autodiff of a gather would produce, and each pass is one gather that XLA fuses with the
+  arithmetic around it: no ``[T, k, D]`` intermediate is written (on the CPU, every byte a call
+  writes first is a page faulted in afresh).
 * **capacity** (GShard / Switch): each expert takes at most ``C`` copies into an ``[E, C, D]`` buffer;
   copies past ``C`` are dropped and contribute 0, the residual connection carries their token.
   Built from index gathers, never from the ``[T, E, C]`` one-hot einsum.
@@ -63,7 +65,12 @@ def sort_copies(expert_indices_TxK: jax.Array, num_experts: int,
     """
     experts_TK = _expert_ids(expert_indices_TxK, num_experts, assigned_TxK)
     num_copies = experts_TK.shape[0]
-    if priority_TK is None:
+    if priority_TK is None and (num_experts + 1) * num_copies <= jnp.iinfo(jnp.int32).max:
+        # One int32 key per copy, expert-major then copy index: unique keys, so a plain sort of one
+        # array is the stable sort by expert (cheaper than sorting ids and indices together).
+        copies_TK = jnp.arange(num_copies, dtype=jnp.int32)
+        order_TK = jax.lax.rem(jnp.sort(experts_TK * num_copies + copies_TK), num_copies)
+    elif priority_TK is None:
         order_TK = jnp.argsort(experts_TK, stable=True).astype(jnp.int32)
     else:
         by_expert = jnp.argsort(experts_TK[priority_TK], stable=True)
@@ -75,38 +82,89 @@ def sort_copies(expert_indices_TxK: jax.Array, num_experts: int,
     return SortedCopies(order_TK, inverse_TK, group_sizes_E)
 
 
+def _rows(x, index):
+    """``x[index]`` along the first axis; every index is in range (a permutation or its part)."""
+    return x.at[index].get(mode="promise_in_bounds")
+
+
+def _varying_as_all(*arrays):
+    """The arrays made varying over every shard_map axis any of them varies over.
+
+    A custom VJP's cotangents carry the varying axes of everything they are computed from; giving
+    the primal inputs those axes first (the transpose of that cast is a psum, done by JAX) keeps
+    each cotangent's type equal to its input's.
+    """
+    axes = set().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(axes - set(jax.typeof(a).manual_axis_type.varying)))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out
+
+
+def _tokens(copies, k: int):
+    """Token of each copy index (``copies // k``; indices are >= 0, so no floor correction)."""
+    return jax.lax.div(copies, jnp.int32(k))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gather_copies(x_TxD, order_TK, inverse_TK, k):
-    return x_TxD[order_TK // k]
+    return _rows(x_TxD, _tokens(order_TK, k))
 
 
 def _gather_copies_fwd(x_TxD, order_TK, inverse_TK, k):
-    return x_TxD[order_TK // k], inverse_TK
+    return _gather_copies(x_TxD, order_TK, inverse_TK, k), inverse_TK
 
 
 def _gather_copies_bwd(k, inverse_TK, d_sorted_TKxD):
-    # Sorting is a permutation: its transpose is the inverse permutation, a gather.
-    d_copies_TxKxD = d_sorted_TKxD[inverse_TK].reshape(-1, k, d_sorted_TKxD.shape[-1])
-    return d_copies_TxKxD.sum(axis=1), None, None
+    # Sorting is a permutation: its transpose is the inverse permutation, a gather. A token's k
+    # copies add up: one gather per choice, summed in f32, which XLA fuses into one pass over the
+    # output (no [T, k, D] intermediate).
+    inverse_TxK = inverse_TK.reshape(-1, k)
+    d_TxD = _rows(d_sorted_TKxD, inverse_TxK[:, 0]).astype(jnp.float32)
+    for j in range(1, k):
+        d_TxD = d_TxD + _rows(d_sorted_TKxD, inverse_TxK[:, j]).astype(jnp.float32)
+    return d_TxD.astype(d_sorted_TKxD.dtype), None, None
 
 
 _gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
 
 
 @jax.custom_vjp
-def _ungather(sorted_TKxD, order_TK, inverse_TK):
-    return sorted_TKxD[inverse_TK]
+def _combine(sorted_y_TKxD, weights_TxK, order_TK, inverse_TK):
+    """``y[t] = sum_j weights[t, j] * sorted_y[inverse[t·k + j]]`` in f32, fused (no [T, k, D])."""
+    num_tokens, k = weights_TxK.shape
+    inverse_TxK = inverse_TK.reshape(num_tokens, k)
+    weights_TxK = weights_TxK.astype(jnp.float32)
+    y_TxD = weights_TxK[:, :1] * _rows(sorted_y_TKxD, inverse_TxK[:, 0]).astype(jnp.float32)
+    for j in range(1, k):
+        y_TxD = y_TxD + weights_TxK[:, j:j + 1] * _rows(
+            sorted_y_TKxD, inverse_TxK[:, j]).astype(jnp.float32)
+    return y_TxD
 
 
-def _ungather_fwd(sorted_TKxD, order_TK, inverse_TK):
-    return sorted_TKxD[inverse_TK], order_TK
+def _combine_fwd(sorted_y_TKxD, weights_TxK, order_TK, inverse_TK):
+    residuals = (sorted_y_TKxD, weights_TxK, order_TK, inverse_TK)
+    return _combine(sorted_y_TKxD, weights_TxK, order_TK, inverse_TK), residuals
 
 
-def _ungather_bwd(order_TK, d_copies_TKxD):
-    return d_copies_TKxD[order_TK], None, None
+def _combine_bwd(residuals, d_TxD):
+    sorted_y_TKxD, weights_TxK, order_TK, inverse_TK = residuals
+    num_tokens, k = weights_TxK.shape
+    d_TxD = d_TxD.astype(jnp.float32)
+    # Copy c's cotangent is its token's scaled by its weight; sorted row p holds copy order[p]. One
+    # gather of that product (XLA fuses the product into the gather: no [T·k, D] intermediate).
+    d_copies_TKxD = (weights_TxK.astype(jnp.float32)[:, :, None] * d_TxD[:, None, :]).reshape(
+        num_tokens * k, -1)
+    d_sorted_TKxD = _rows(d_copies_TKxD, order_TK).astype(sorted_y_TKxD.dtype)
+    inverse_TxK = inverse_TK.reshape(num_tokens, k)
+    d_weights_TxK = jnp.stack(
+        [jnp.sum(d_TxD * _rows(sorted_y_TKxD, inverse_TxK[:, j]).astype(jnp.float32), axis=-1)
+         for j in range(k)], axis=1)
+    return d_sorted_TKxD, d_weights_TxK.astype(weights_TxK.dtype), None, None
 
 
-_ungather.defvjp(_ungather_fwd, _ungather_bwd)
+_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # --------------------------------------------------------------------------- dropless
@@ -122,20 +180,20 @@ def permute(x_TxD: jax.Array, expert_indices_TxK: jax.Array, num_experts: int,
     """
     _check_indices(x_TxD, expert_indices_TxK)
     k = expert_indices_TxK.shape[1]
-    copies = sort_copies(expert_indices_TxK, num_experts, assigned_TxK=assigned_TxK)
-    return _gather_copies(x_TxD, copies.order_TK, copies.inverse_TK, k), copies
+    with jax.named_scope("sort_copies"):
+        copies = sort_copies(expert_indices_TxK, num_experts, assigned_TxK=assigned_TxK)
+    with jax.named_scope("permute"):
+        x_TxD, order_TK, inverse_TK = _varying_as_all(x_TxD, copies.order_TK, copies.inverse_TK)
+        return _gather_copies(x_TxD, order_TK, inverse_TK, k), copies
 
 
 def unpermute(sorted_y_TKxD: jax.Array, copies: SortedCopies, combine_weights_TxK: jax.Array,
               out_dtype=None):
     """Inverse of :func:`permute`, combining each token's k expert outputs with its gates in f32."""
-    num_tokens, k = combine_weights_TxK.shape
-    y_TxKxD = _ungather(sorted_y_TKxD, copies.order_TK, copies.inverse_TK).reshape(
-        num_tokens, k, sorted_y_TKxD.shape[-1]
-    )
-    y_TxD = jnp.einsum("tk,tkd->td", combine_weights_TxK.astype(jnp.float32),
-                       y_TxKxD.astype(jnp.float32))
-    return y_TxD.astype(out_dtype or sorted_y_TKxD.dtype)
+    with jax.named_scope("unpermute"):
+        y_TxD = _combine(*_varying_as_all(sorted_y_TKxD, combine_weights_TxK, copies.order_TK,
+                                          copies.inverse_TK))
+        return y_TxD.astype(out_dtype or sorted_y_TKxD.dtype)
 
 
 # --------------------------------------------------------------------------- capacity
