@@ -227,9 +227,9 @@ def order_effect(repeats, num_tokens=8192, num_experts=64, d=512, f=512, k=2, ac
     load_before = os.getloadavg()[0]
     rows = {"after the one-hot case": [], "after itself": []}
     for _ in range(repeats):
-        for name, (before_fn, before_params) in (("after the one-hot case", (onehot, onehot_params)),
-                                                  ("after itself", (dense, dense_params))):
-            jax.block_until_ready(before_fn(before_params, x))
+        for name, (first, first_params) in (("after the one-hot case", (onehot, onehot_params)),
+                                            ("after itself", (dense, dense_params))):
+            jax.block_until_ready(first(first_params, x))
             usage = resource.getrusage(resource.RUSAGE_SELF)
             wall = time.perf_counter()
             jax.block_until_ready(dense(dense_params, x))
@@ -245,6 +245,40 @@ def order_effect(repeats, num_tokens=8192, num_experts=64, d=512, f=512, k=2, ac
     return {"tokens": num_tokens, "experts": num_experts, "activation": activation,
             "repeats": repeats, "load_before": load_before, "load_after": os.getloadavg()[0],
             "dense_ffn": summary, "runs": rows}
+
+
+def matmul_shapes(repeats, num_tokens=8192, d=512, f=512, k=2):
+    """Wall time of each matmul of the dense FFN's forward+backward beside the same product at one
+    expert's shape over T·k rows (equal FLOPs): XLA:CPU runs the FFN's contractions over d_ff·k
+    faster, a head start no grouped layer with d_ff-wide experts can take back."""
+    key = jax.random.key(2)
+    x, x_k = jnp.ones((num_tokens, d)), jnp.ones((num_tokens * k, d))
+    h, h_k = jnp.ones((num_tokens, f * k)), jnp.ones((num_tokens * k, f))
+    w_in, w_out = jax.random.normal(key, (d, f * k)), jax.random.normal(key, (f * k, d))
+    w_in_k, w_out_k = jax.random.normal(key, (d, f)), jax.random.normal(key, (f, d))
+    products = {
+        "x @ w_in": ((lambda a, b: a @ b), (x, w_in), (x_k, w_in_k)),
+        "h @ w_out": ((lambda a, b: a @ b), (h, w_out), (h_k, w_out_k)),
+        "dy @ w_out.T": ((lambda a, b: a @ b.T), (x, w_out), (x_k, w_out_k)),
+        "dh @ w_in.T": ((lambda a, b: a @ b.T), (h, w_in), (h_k, w_in_k)),
+        "h.T @ dy": ((lambda a, b: a.T @ b), (h, x), (h_k, x_k)),
+        "x.T @ dh": ((lambda a, b: a.T @ b), (x, h), (x_k, h_k)),
+    }
+    fns = {(name, which): (jax.jit(fn), args)
+           for name, (fn, ffn_args, expert_args) in products.items()
+           for which, args in (("dense FFN", ffn_args), ("expert shape", expert_args))}
+    times = {key: [] for key in fns}
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    for _ in range(repeats):
+        for key, (fn, args) in fns.items():
+            jax.block_until_ready(fn(*args))
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[key].append(time.perf_counter() - start)
+    return [{"product": name, "dense_ffn_seconds": statistics.median(times[name, "dense FFN"]),
+             "expert_shape_seconds": statistics.median(times[name, "expert shape"])}
+            for name in products]
 
 
 def _plot(results, path):
@@ -329,8 +363,12 @@ def main():
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "d_model": d, "d_ff": f, "k": 2, "repeats": args.repeats}
+    shapes_table = matmul_shapes(args.repeats, max(shapes), d, f, 2)
+    for row in shapes_table:
+        print(f"{row['product']:<14} dense FFN {row['dense_ffn_seconds']:.4f} s, expert shape "
+              f"{row['expert_shape_seconds']:.4f} s")
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1)
+        json.dump({"meta": meta, "results": results, "matmul_shapes": shapes_table}, fh, indent=1)
     _plot(results, os.path.join(args.out, stem + ".png"))
     print(f"wrote {os.path.join(args.out, stem)}.json and .png")
 

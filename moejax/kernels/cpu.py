@@ -26,17 +26,17 @@ gmm: per group, ``rhs[g]`` is sliced once and each chunk writes ``lhs[chunk] @ r
 output, which is carried through the loops and updated in place. Rows of non-local groups and rows
 past ``sum(group_sizes)`` keep the zeros the output starts with. Those zeros are computed from the
 call's operands: XLA merges equal ``jnp.zeros`` of several calls into one buffer and then copies
-it for every loop that updates it, and it allocates them no earlier than the operands exist (on
-the CPU each call's temporaries are fresh pages, faulted in on first touch, so memory is time).
+it for every loop that updates it (on the CPU each call's temporaries are fresh pages, faulted in
+on first touch, so every buffer written costs time), and it allocates them no earlier than the
+operands exist.
 tgmm: per group, the first chunk's ``lhs[chunk].T @ rhs[chunk]`` starts an f32 accumulator (a
 ``lax.switch`` on its size: no zero fill and no add for one-chunk groups), the other chunks add to
 it, and the group's ``[k, n]`` block is written once. Empty groups are skipped (an empty group's
 weights are never read; its tgmm block keeps the output's zeros).
 
-Backward (``moejax.ops.gmm``'s custom VJP): ``drhs = tgmm(lhs, dout)``, then ``dlhs = gmm(dout,
-rhs, transpose_rhs=not transpose_rhs)``, whose transposed contraction is a ``dot_general`` on
-``rhs[g]`` (no transposed copy of ``rhs``). :func:`sequence_after` makes dlhs wait for drhs, so that
-dlhs's output can reuse the memory of an ``lhs`` that dies with the weight gradient.
+Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
+transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
+copy of ``rhs``), and ``drhs = tgmm(lhs, dout)``.
 
 Accumulation is f32 whatever the input dtype. ``interpret`` is ignored, and so are ``tk`` and ``tn``.
 """
@@ -167,16 +167,6 @@ def _own_zeros(shape, dtype, *operands):
     return jnp.broadcast_to(_false_from(*operands).astype(dtype), shape)
 
 
-def sequence_after(value, *earlier):
-    """``value`` (int32) unchanged, but computed from ``earlier``: what reads it waits for them.
-
-    gmm's backward runs its weight gradient first and passes ``group_offset`` through this to the
-    input gradient, whose output buffer is then allocated only once the weight gradient's inputs
-    may be dead (on the CPU every byte of a program's temporaries is faulted in afresh per call).
-    """
-    return value + _false_from(*earlier).astype(value.dtype)
-
-
 def _chunk_start(nominal, group_end, c: int, m: int):
     """Row where a ``c``-row chunk starts: ``nominal``, or earlier to end at the group's end."""
     return jnp.clip(jnp.minimum(nominal, group_end - c), 0, m - c)
@@ -193,8 +183,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     if m == 0 or num_local == 0:
         return _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes)
     lhs, rhs = _operands(lhs, rhs)
-    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs, group_offset), lhs, rhs,
-                            group_sizes)
+    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs), lhs, rhs, group_sizes)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_local, m, tm)
     dims = (((1,), (1,)) if transpose_rhs else ((1,), (0,)), ((), ()))
@@ -248,8 +237,8 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     if m == 0:
         return _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes)
     lhs, rhs = _operands(lhs, rhs)
-    out_GxKxN = _own_zeros((num_groups, k, n), out_dtype, lhs, rhs, group_offset)
-    out_GxKxN = _varying_like(out_GxKxN, lhs, rhs, group_sizes)
+    out_GxKxN = _varying_like(_own_zeros((num_groups, k, n), out_dtype, lhs, rhs), lhs, rhs,
+                              group_sizes)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_groups, m, tm, may_spill=True)
     dims = (((0,), (0,)), ((), ()))

@@ -241,18 +241,15 @@ def _gmm_fwd(config, lhs, rhs, group_sizes, offset):
 def _gmm_bwd(config, residuals, dout):
     transpose_rhs, _, tiling, backend, interpret = config
     lhs, rhs, group_sizes, offset = residuals
+    dlhs = _gmm(
+        (not transpose_rhs, lhs.dtype, tiling, backend, interpret),
+        dout.astype(rhs.dtype), rhs, group_sizes, offset,
+    )
     tconfig = (rhs.dtype, tiling, backend, interpret)
     if transpose_rhs:
         drhs = _tgmm(tconfig, dout.astype(lhs.dtype), lhs, group_sizes, offset, rhs.shape[0])
     else:
         drhs = _tgmm(tconfig, lhs, dout.astype(lhs.dtype), group_sizes, offset, rhs.shape[0])
-    if backend == "cpu":
-        # The weight gradient first: lhs is often dead after it, and dlhs can then take its memory.
-        offset = _kernels(backend).sequence_after(offset, drhs)
-    dlhs = _gmm(
-        (not transpose_rhs, lhs.dtype, tiling, backend, interpret),
-        dout.astype(rhs.dtype), rhs, group_sizes, offset,
-    )
     return dlhs, drhs, None, None
 
 
