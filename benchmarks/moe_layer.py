@@ -3,8 +3,8 @@
 For each (activation, T, E): forward+backward time and the compiled peak memory of
 
   * ``dense_ffn``       one FFN with ``d_ff * k`` hidden units: the same active FLOPs as k experts,
-  * ``balanced einsum`` the E experts alone on T·k/E copies each (batched einsums, no router, no
-                        dispatch): the floor for any layer with E experts' weights and gradients,
+  * ``balanced einsum`` the E experts alone on T·k/E copies each (XLA batched einsums, no router,
+                        no dispatch): what E experts' weights and gradients cost by themselves,
   * ``dropless``        moejax.MoE, dispatch="dropless" (sort + gmm on the ``cpu`` backend here),
   * ``capacity cf=c``   moejax.MoE, dispatch="capacity" with capacity factor c,
   * ``onehot cf=1.25``  the GShard-style ``[T, E, C]`` one-hot dispatch/combine einsum (reference).
@@ -91,9 +91,8 @@ def dense_ffn_case(d, f, activation, key):
 
 def balanced_einsum_case(num_tokens, d, f, num_experts, k, activation, key):
     """The experts alone on equal groups: ``T·k / E`` copies each, one batched einsum per projection,
-    no router and no dispatch. What any layer holding (and differentiating) E experts' weights
-    pays at least: the FLOPs of the dense FFN, plus E times its weight memory to read and to write
-    as gradients."""
+    no router and no dispatch: the dense FFN's FLOPs with E experts' weights to read and their
+    gradients to write (E / k times the dense FFN's)."""
     if num_tokens * k % num_experts:
         raise ValueError(f"T·k = {num_tokens * k} does not split into {num_experts} equal groups")
     k1, k2 = jax.random.split(key)
@@ -249,8 +248,8 @@ def order_effect(repeats, num_tokens=8192, num_experts=64, d=512, f=512, k=2, ac
 
 def matmul_shapes(repeats, num_tokens=8192, d=512, f=512, k=2):
     """Wall time of each matmul of the dense FFN's forward+backward beside the same product at one
-    expert's shape over T·k rows (equal FLOPs): XLA:CPU runs the FFN's contractions over d_ff·k
-    faster, a head start no grouped layer with d_ff-wide experts can take back."""
+    expert's shape over T·k rows (equal FLOPs): how much of the gap to the dense FFN the shapes
+    alone make (XLA:CPU's matmul speed depends on them)."""
     key = jax.random.key(2)
     x, x_k = jnp.ones((num_tokens, d)), jnp.ones((num_tokens * k, d))
     h, h_k = jnp.ones((num_tokens, f * k)), jnp.ones((num_tokens * k, f))
