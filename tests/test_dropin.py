@@ -123,10 +123,10 @@ def test_presharded_input_under_an_explicit_eight_device_mesh_equals_no_mesh(dis
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
 
 
+# Auto axes (moejax's own meshes) are covered by test_parallel*.py and test_token_mask.py.
 AXIS_TYPES = {
     "explicit": (AxisType.Explicit, AxisType.Explicit),
     "mixed": (AxisType.Explicit, AxisType.Auto),
-    "auto": (AxisType.Auto, AxisType.Auto),
 }
 ROUTER_DISPATCH = [("expert_choice", "capacity"), ("mixtral", "dropless"),
                    ("mixtral", "capacity"), ("softmax", "dense"), ("deepseek_v3", "dropless")]
@@ -150,8 +150,7 @@ def _unsharded(router, dispatch):
 
 @pytest.mark.parametrize("axis_types", sorted(AXIS_TYPES))
 @pytest.mark.parametrize("router, dispatch", ROUTER_DISPATCH)
-def test_every_dispatch_under_explicit_mixed_and_auto_axes_equals_no_mesh(router, dispatch,
-                                                                         axis_types):
+def test_every_dispatch_under_explicit_and_mixed_axes_equals_no_mesh(router, dispatch, axis_types):
     config, x = _dispatch_config(router, dispatch), _x()
     want = _unsharded(router, dispatch)
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=AXIS_TYPES[axis_types])
