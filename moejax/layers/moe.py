@@ -444,10 +444,8 @@ class MoE(nnx.Module):
         # Routers give masked tokens (and GShard's dropped second choices) weight 0.
         assigned_TxK = weights_TxK != 0
         if c.dispatch == "dense":
-            # One-hot gates (not a scatter): elementwise, so a split batch stays split.
-            weights_TxE = jnp.einsum("tke,tk->te", jax.nn.one_hot(indices_TxK, c.num_experts,
-                                                                  dtype=jnp.float32),
-                                     weights_TxK.astype(jnp.float32))
+            weights_TxE = dispatch_ops.dense_combine_weights(indices_TxK, weights_TxK,
+                                                             c.num_experts)
             run = _maybe_remat(experts.dense, c.remat)
             return run(x_TxD, weights_TxE), jnp.zeros((), jnp.float32)
         # Under a mesh, each device dispatches its own tokens; the experts split over the expert axis.

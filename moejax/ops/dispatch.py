@@ -291,12 +291,13 @@ def capacity_combine(y_ExCxD: jax.Array, dispatch: CapacityDispatch,
 
 def dense_combine_weights(expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
                           num_experts: int) -> jax.Array:
-    """The ``[T, E]`` gate matrix (zeros for experts not chosen) for dense dispatch."""
-    num_tokens = expert_indices_TxK.shape[0]
-    rows_TxK = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], expert_indices_TxK.shape)
-    return jnp.zeros((num_tokens, num_experts), jnp.float32).at[rows_TxK, expert_indices_TxK].add(
-        combine_weights_TxK.astype(jnp.float32)
-    )
+    """The ``[T, E]`` gate matrix (zeros for experts not chosen) for dense dispatch.
+
+    One-hot gates, not a scatter: elementwise in T, so a batch split over mesh axes (``Explicit``
+    ones included) stays split.
+    """
+    one_hot_TxKxE = jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32)
+    return jnp.einsum("tke,tk->te", one_hot_TxKxE, combine_weights_TxK.astype(jnp.float32))
 
 
 def _check_indices(x_TxD, expert_indices_TxK):
