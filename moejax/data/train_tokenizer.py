@@ -62,23 +62,29 @@ def train_sentencepiece(
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        character_coverage=1.0,
-        max_sentence_length=MAX_PIECE_SOURCE_BYTES,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-        **_SPECIAL_IDS,
-    )
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            byte_fallback=True,
+            character_coverage=0.9995,  # rarer characters are byte pieces
+            max_sentence_length=MAX_PIECE_SOURCE_BYTES,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **_SPECIAL_IDS,
+        )
+    except RuntimeError as e:
+        if "required_chars" not in str(e):
+            raise
+        # Every character of the covered set needs a piece of its own besides the 256 byte pieces.
+        raise ValueError(f"vocab_size = {vocab_size} is too small for the characters of this corpus: {e}") from e
     return model.getvalue()
 
 
