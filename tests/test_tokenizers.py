@@ -1,4 +1,4 @@
-"""Tokenizers from a spec string: bytes, SentencePiece models (trained here), Hugging Face tokenizer.json files.
+"""Tokenizers from a spec string: bytes, SentencePiece models (trained here), Hugging Face tokenizer.json.
 
 The SentencePiece and tokenizer.json files are built in the tests from a small corpus, offline.
 """
@@ -70,7 +70,8 @@ def test_byte_is_the_default_with_the_byte_ids():
     tok = data.get_tokenizer("byte")
     assert data.get_tokenizer(None) is tok
     assert (tok.name, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == ("byte", 384, 0, 1, 2)
-    np.testing.assert_array_equal(tok.encode("Aé", bos=True, eos=True), data.encode("Aé", bos=True, eos=True))
+    framed = tok.encode("Aé", bos=True, eos=True)
+    np.testing.assert_array_equal(framed, data.encode("Aé", bos=True, eos=True))
     np.testing.assert_array_equal(tok.encode("Aé", bos=True, eos=True), [1, 68, 0xC3 + 3, 0xA9 + 3, 2])
     assert tok.decode([1, 68, 0, 2, 383]) == "A"
 

@@ -219,7 +219,9 @@ def _stream_cache_dir(builder, split: str, text_key: str, tokenizer: Tokenizer, 
     return epath.Path(cache_dir) / f"{readable}-{tokenizer.name}-{digest}"
 
 
-def _write_token_stream(source, text_key: str, tokenizer: Tokenizer, directory: epath.Path, info: dict) -> None:
+def _write_token_stream(
+    source, text_key: str, tokenizer: Tokenizer, directory: epath.Path, info: dict
+) -> None:
     """Tokenize every document into ``directory/tokens.bin`` (through a temporary directory)."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
     tmp = directory.parent / f".{directory.name}.tmp{os.getpid()}"
@@ -320,7 +322,8 @@ def _instruct_max_len(source, memo_key: tuple[str, str, str], tokenizer: Tokeniz
         records = source.__getitems__(range(len(source)))
         prompts = tokenizer.encode_batch([r["prompt"] for r in records])
         answers = tokenizer.encode_batch([r["answer"] for r in records])
-        _instruct_max_len_memo[memo_key] = 2 + max((len(p) + len(a) for p, a in zip(prompts, answers)), default=0)
+        longest = max((len(p) + len(a) for p, a in zip(prompts, answers)), default=0)
+        _instruct_max_len_memo[memo_key] = 2 + longest
     return _instruct_max_len_memo[memo_key]
 
 

@@ -54,7 +54,7 @@ def _sentences(texts: Iterable[str | bytes]) -> Iterator[str]:
 def train_sentencepiece(
     texts: Iterable[str | bytes], *, vocab_size: int, model_type: str = "bpe", num_threads: int | None = None
 ) -> bytes:
-    """The serialized model (a ``.model`` file's contents) of a SentencePiece tokenizer trained on ``texts``."""
+    """The ``.model`` file contents of a SentencePiece tokenizer trained on ``texts``."""
     import sentencepiece
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
@@ -84,7 +84,9 @@ def train_sentencepiece(
         if "required_chars" not in str(e):
             raise
         # Every character of the covered set needs a piece of its own besides the 256 byte pieces.
-        raise ValueError(f"vocab_size = {vocab_size} is too small for the characters of this corpus: {e}") from e
+        raise ValueError(
+            f"vocab_size = {vocab_size} is too small for the characters of this corpus: {e}"
+        ) from e
     return model.getvalue()
 
 
@@ -113,12 +115,14 @@ def default_output(dataset: str, split: str, model_type: str, vocab_size: int) -
 
 def main(argv: list[str] | None = None) -> str:
     """Train, write the model and print (and return) its tokenizer spec."""
-    parser = argparse.ArgumentParser(prog="python -m moejax.data.train_tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moejax.data.train_tokenizer", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dataset", default="stdlib_text", help="any name create_iterator reads")
     parser.add_argument("--split", default="train")
     parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: moejax's)")
     parser.add_argument("--text_key", default="text", help="text feature of the dataset")
-    parser.add_argument("--vocab_size", type=int, default=8192, help="ids in all, specials and bytes included")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="ids in all (specials, bytes)")
     parser.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--max_documents", type=int, default=None, help="train on the first N documents")
     parser.add_argument("--output", default=None, help="where to write the .model file (local or gs://)")
