@@ -8,7 +8,7 @@ batch = next(it)              # {"inputs", "targets": int32 [8, 128], "weights":
 state = it.get_state()        # bytes; it.set_state(state) resumes exactly
 
 tok = moejax.data.get_tokenizer("sentencepiece:/path/to/spm.model")   # or "byte", "hf:.../tokenizer.json"
-it = moejax.data.create_iterator("c4/en", data_dir="gs://bucket/tfds", split="train", seq_len=2048,
+it = moejax.data.create_iterator("c4/en", data_dir="/mnt/tfds", split="train", seq_len=2048,
                                  batch_size=8, tokenizer=tok)
 ```
 
