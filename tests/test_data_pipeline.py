@@ -396,7 +396,7 @@ def test_unknown_split_raises_listing_the_splits(data_dir):
 
 
 def test_unknown_dataset_raises_listing_the_available_ones(data_dir):
-    expected = "unknown dataset 'lm1b'; available: instruct_synth, stdlib_text, stdlib_text/small,"
+    expected = "unknown dataset 'lm1b'; available: digits_images, instruct_synth, stdlib_text, stdlib_text/small,"
     with pytest.raises(ValueError, match=expected) as e:
         _iterator(data_dir, "lm1b")
     assert "any TFDS dataset prepared" in str(e.value)

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from moejax.data import instruct_synth, stdlib_text
+from moejax.data import digits_images, instruct_synth, stdlib_text
 from moejax.data.tokenizer import BYTE, Tokenizer, encode, get_tokenizer
 
 DEFAULT_DATA_DIR = "~/.cache/moejax/tfds"
@@ -51,6 +51,7 @@ DEFAULT_DATA_DIR = "~/.cache/moejax/tfds"
 DEFAULT_REMOTE_CACHE_DIR = "~/.cache/moejax/token_streams"
 TOKEN_CACHE_SUBDIR = "_token_streams"
 _BUILTIN_BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
+    "digits_images": digits_images.DigitsImages,
     "instruct_synth": instruct_synth.InstructSynth,
     "stdlib_text": stdlib_text.StdlibText,
 }
