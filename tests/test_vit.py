@@ -11,6 +11,7 @@ from flax import nnx
 from moejax.data import digits_images
 from moejax.data.images import create_image_iterator
 from moejax.data.pipeline import load_builder
+from moejax import vision
 from moejax.models import vit
 
 
@@ -127,3 +128,35 @@ def test_image_iterator_state_resumes_exactly(digits_dir):
     with pytest.raises(ValueError, match="label_key"):
         create_image_iterator("digits_images", split="train", batch_size=8, label_key="y",
                               data_dir=digits_dir)
+
+
+def test_routes_agree_with_the_layers_dropped_fraction_and_expert_table_rows_sum_to_kept():
+    moe = vit.vmoe_config(16, 32, 4, capacity_factor=0.75)
+    model = vit.ViT(_config(moe, num_layers=2), rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(1), (10, 8, 8, 1))
+    labels = np.arange(10) % 3
+    _, aux = model(images, deterministic=True)
+    (route,) = model.routes(images)
+    assert route["experts"].shape == route["kept"].shape == (10, 16, 2)
+    dropped = 1.0 - np.asarray(route["kept"]).mean()
+    np.testing.assert_allclose(dropped, float(aux.metrics["dropped_fraction"][0]), atol=1e-6)
+    table = vision.expert_by_class(model, images, labels, 3)
+    assert table.shape == (1, 3, 4)
+    kept = np.asarray(route["kept"])
+    for c in range(3):
+        np.testing.assert_allclose(table[0, c].sum(), kept[labels == c].mean(), atol=1e-6)
+
+
+@pytest.mark.dtype_promotion("standard")
+def test_a_few_training_steps_on_digits_lower_the_loss(digits_dir):
+    moe = vit.vmoe_config(16, 32, 4, capacity_factor=1.0)
+    model = vit.ViT(_config(moe, num_layers=2), rngs=nnx.Rngs(0))
+    history = vision.train(model, steps=40, warmup_steps=5, batch_size=32, learning_rate=1e-2,
+                           data_dir=digits_dir, log=None)
+    first, last = history[0]["cross_entropy"], np.mean([h["cross_entropy"] for h in history[-5:]])
+    assert last < first - 0.2, (first, last)
+    result = vision.evaluate(model, data_dir=digits_dir)
+    assert result["examples"] == 360 and result["accuracy"] > 0.2
+    with pytest.raises(ValueError, match="num_classes"):
+        vision.train(vit.ViT(_config(num_classes=5), rngs=nnx.Rngs(0)), steps=2, warmup_steps=0,
+                     data_dir=digits_dir, log=None)

@@ -31,6 +31,7 @@ from flax import nnx
 from moejax.layers.config import MoEConfig
 from moejax.layers.moe import MoE
 from moejax.layers.params import param
+from moejax.ops import dispatch as dispatch_ops
 from moejax.ops.ffn import ACTIVATION_FNS, ffn
 
 
@@ -244,6 +245,42 @@ class ViT(nnx.Module):
     def moe_layers(self) -> list[MoE]:
         """The MoE layers, first to last."""
         return [block.ffn for block in self.layers if block.is_moe]
+
+    def routes(self, images_BxHxWxC: jax.Array) -> list[dict[str, jax.Array]]:
+        """Where each patch goes in every MoE layer, in evaluation mode (no routing noise).
+
+        One dict per MoE layer: ``experts`` int [B, N, k] (the chosen experts), ``weights`` [B, N, k]
+        (their gates) and ``kept`` bool [B, N, k] (False where capacity dispatch dropped the copy;
+        all True for dense and dropless dispatch). The forward pass is the model's own.
+        """
+        c = self.config
+        dt = c.dtype
+        b = images_BxHxWxC.shape[0]
+        x_BxNxD = patchify(images_BxHxWxC.astype(dt), c.patch_size) @ self.patch_embed[...].astype(dt)
+        x_BxNxD = x_BxNxD + self.pos_embed[...].astype(dt)[None, :, :]
+        found = []
+        for block in self.layers:
+            if block.is_moe:
+                moe = block.ffn
+                h = block.attention_norm(x_BxNxD)
+                h_TxD = block.ffn_norm(x_BxNxD + block.attention(h).astype(x_BxNxD.dtype))
+                h_TxD = h_TxD.reshape(-1, c.d_model)
+                routing = moe.router(h_TxD, deterministic=True)
+                experts_TxK, weights_TxK = routing.expert_indices, routing.combine_weights
+                kept_TxK = jnp.ones(experts_TxK.shape, jnp.bool_)
+                if moe.config.dispatch == "capacity":
+                    m = moe.config
+                    capacity = dispatch_ops.expert_capacity(h_TxD.shape[0], experts_TxK.shape[1],
+                                                            m.num_experts, m.capacity_factor)
+                    kept_TxK = dispatch_ops.capacity_dispatch(
+                        experts_TxK, weights_TxK, m.num_experts, capacity, m.capacity_order,
+                        weights_TxK != 0).kept_TxK
+                shape = (b, c.num_patches, experts_TxK.shape[1])
+                found.append({"experts": experts_TxK.reshape(shape),
+                              "weights": weights_TxK.reshape(shape),
+                              "kept": kept_TxK.reshape(shape)})
+            x_BxNxD, _ = block(x_BxNxD, None, True)
+        return found
 
 
 def _stack_aux(auxes) -> ViTAux:
