@@ -279,7 +279,7 @@ class Attention(nnx.Module):
         k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, self.w_v[...].astype(dt))
         if c.qkv_bias:
-            q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.b_q), (k, self.b_k),
+            q, k, v = (t + b[...].astype(dt)[None, None] for t, b in ((q, self.b_q), (k, self.b_k),
                                                            (v, self.b_v)))
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -479,6 +479,25 @@ class Transformer(nnx.Module):
             logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.lm_head[...].astype(c.dtype),
                                       preferred_element_type=jnp.float32)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def expert_choices(self, tokens_BxL: jax.Array) -> list[jax.Array]:
+        """The experts each token is routed to in each MoE layer (deterministic routing): a list
+        of int32 ``[B * L, k]`` in router order, one per MoE layer (unrolled layers only)."""
+        c = self.config
+        if c.scan_layers:
+            raise ValueError("expert_choices needs scan_layers=False")
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(c.dtype)
+        choices = []
+        for block in self.layers:
+            if block.is_moe:
+                attended = x_BxLxD + block.attention(block.attention_norm(x_BxLxD)).astype(
+                    x_BxLxD.dtype)
+                h_TxD = block.ffn_norm(attended).reshape(-1, c.d_model)
+                routing = block.ffn.router(h_TxD, token_ids_T=tokens_BxL.reshape(-1),
+                                           deterministic=True)
+                choices.append(routing.expert_indices)
+            x_BxLxD, _ = block(x_BxLxD, tokens_BxL, None)
+        return choices
 
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
         """An empty :class:`KVCache` of ``size`` slots for ``batch`` rows (``dtype``: the compute
