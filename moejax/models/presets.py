@@ -95,13 +95,14 @@ def preset(name: str, size: str = "full", *, moe_changes: dict | None = None,
     if size == "tiny":
         model_kw.update(_TINY[name]["model"])
         moe_kw.update(_TINY[name]["moe"])
-    # What every one of these families shares: SwiGLU FFNs, untied embeddings, dropless experts.
-    model_kw = dict(activation="silu", dense_ffn="glu", **model_kw)
-    moe = MoEConfig(d_model=model_kw["d_model"], expert="glu", activation="silu",
-                    **{**moe_kw, **(moe_changes or {})})
-    model_kw["moe"] = moe
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(changes) - known)
     if unknown:
         raise ValueError(f"preset got unknown TransformerConfig fields {unknown}")
-    return TransformerConfig(**{**model_kw, **changes})
+    # What every one of these families shares: SwiGLU FFNs, untied embeddings, dropless experts.
+    model_kw = dict(activation="silu", dense_ffn="glu", **model_kw)
+    model_kw.update(changes)
+    if "moe" not in changes:
+        model_kw["moe"] = MoEConfig(**{"d_model": model_kw["d_model"], "expert": "glu",
+                                       "activation": "silu", **moe_kw, **(moe_changes or {})})
+    return TransformerConfig(**model_kw)
