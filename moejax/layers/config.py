@@ -57,6 +57,8 @@ class MoEConfig:
     activation: str = "gelu"
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
+    # Qwen2-MoE: the shared experts' output is scaled per token by sigmoid(x @ w_gate), w_gate [D, 1].
+    shared_expert_gate: bool = False
     # Weights of the router's (unweighted) auxiliary losses; the layer reports them weighted.
     importance_weight: float = 0.1
     load_weight: float = 0.1
@@ -176,6 +178,18 @@ class MoEConfig:
         for loss, field in LOSS_WEIGHT_FIELDS.items():
             if getattr(self, field) < 0:
                 raise ValueError(f"MoEConfig.{field} (weight of {loss!r}) must be >= 0")
+        self._check_architecture_fields()
+
+    def _check_architecture_fields(self) -> None:
+        """Fields published MoE architectures need (shared-expert gate, routed scaling)."""
+        if not isinstance(self.shared_expert_gate, bool):
+            raise ValueError(
+                f"MoEConfig.shared_expert_gate must be a bool, got {self.shared_expert_gate!r}")
+        if self.shared_expert_gate and self.num_shared_experts < 1:
+            raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts >= 1")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got "
+                             f"{self.routed_scaling_factor}")
 
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)

@@ -60,6 +60,8 @@ class SharedExperts(nnx.Module):
     """Always-on FFN of ``num_shared_experts`` experts (DeepSeekMoE), stored as one wide FFN.
 
     The sum of S FFNs of width F equals one FFN of width S·F, so one pair of matmuls does them all.
+    With ``shared_expert_gate`` (Qwen2-MoE) the output is scaled by ``sigmoid(x @ w_gate)``,
+    ``w_gate`` [D, 1].
     """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
@@ -71,9 +73,16 @@ class SharedExperts(nnx.Module):
         if config.expert == "glu":
             self.w_up = param(rngs, (d, f), d, ("embed", "mlp"), dt, rules)
         self.w_out = param(rngs, (f, d), f, ("mlp", "embed"), dt, rules)
+        if config.shared_expert_gate:
+            self.w_gate = param(rngs, (d, 1), d, ("embed", None), dt, rules)
 
     def __call__(self, x_TxD: jax.Array) -> jax.Array:
         dt = x_TxD.dtype
         w_up = self.w_up[...].astype(dt) if self.config.expert == "glu" else None
-        return ffn(x_TxD, self.w_in[...].astype(dt), self.w_out[...].astype(dt), w_up,
-                   activation=self.config.activation)
+        y_TxD = ffn(x_TxD, self.w_in[...].astype(dt), self.w_out[...].astype(dt), w_up,
+                    activation=self.config.activation)
+        if self.config.shared_expert_gate:
+            gate_Tx1 = jax.nn.sigmoid(x_TxD.astype(jnp.float32)
+                                      @ self.w_gate[...].astype(jnp.float32))
+            y_TxD = (y_TxD.astype(jnp.float32) * gate_Tx1).astype(y_TxD.dtype)
+        return y_TxD
