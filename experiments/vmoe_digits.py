@@ -58,7 +58,7 @@ def plot_expert_by_class(table: np.ndarray, path: pathlib.Path) -> None:
         ax.set_ylabel("digit")
         ax.set_xticks(range(layer.shape[1]))
         ax.set_yticks(range(layer.shape[0]))
-        ax.set_title(f"MoE layer {i}: share of a digit's patches")
+        ax.set_title(f"MoE layer {i}")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
     fig.savefig(path, dpi=80)
     plt.close(fig)
