@@ -1,7 +1,7 @@
 """OLMoE-1B-7B-like (Muennighoff et al. 2024): 16 layers, d_model 2048, 64 fine-grained SwiGLU
 experts of width 1024 in every layer, top-8 softmax routing (not renormalised) with load-balancing
-and router z-losses; 6.9B parameters, 1.3B active per token. bf16 compute, f32 parameters, remat and
-scanned layers; C4 (``c4/en``) with a 50,304-entry subword vocabulary.
+and router z-losses; 6.9B parameters, 1.3B active per token (embeddings included). bf16 compute,
+f32 parameters, remat and scanned layers; C4 (``c4/en``) with a 50,304-entry subword vocabulary.
 
 Preflight on any machine (compiles the step for the slice and says whether it fits):
 
