@@ -17,7 +17,7 @@ import pytest
 
 from flax import nnx
 
-from moejax import preflight
+from moejax import parallel, preflight
 from moejax.models.transformer import Transformer
 
 pytestmark = pytest.mark.dtype_promotion("standard")  # optax's update rules promote implicitly
@@ -151,9 +151,9 @@ def _small(name):
     """The pod config at 2 layers and small widths, laid out for a 4-chip v5e slice."""
     config = _pod_module(name).get_config()
     config.model.update(num_layers=2, d_model=256, num_heads=4, d_ff=128)
-    config.moe.update(d_ff=128, num_experts=8)
+    config.moe.update(d_ff=128, num_experts=8, experts_per_token=2)
     if config.moe.get("num_expert_groups", 1) > 1:
-        config.moe.update(num_expert_groups=4, topk_groups=2, experts_per_token=4)
+        config.moe.update(num_expert_groups=4, topk_groups=2)
     config.update(vocab_size=1024, seq_len=128, batch_size=8,
                   mesh=dict(data=1, fsdp=1, expert=4, tensor=1))
     return config
@@ -165,7 +165,7 @@ def small_report():
         preflight.topology_devices("v5e:2x2")
     except preflight.PreflightError as error:
         pytest.skip(str(error))
-    config = _small("deepseek_v3_small")
+    config = _small("olmoe_1b_7b")
     return config, preflight.run(config, "v5e:2x2", eval_step=False)
 
 
@@ -176,11 +176,12 @@ def test_preflight_compiles_a_pod_config_and_counts_its_memory_and_collectives(s
     model_config = preflight._model_config(completed, vocab_size)
     assert report.num_devices == 4 and report.chip == "v5e" and report.fits
     assert report.hbm_bytes == 16 * 2 ** 30
-    # Parameters are f32; experts split 4 ways over `expert`, everything else replicated (fsdp=1).
+    # Parameters are f32; the experts and the router's expert columns split 4 ways over `expert`,
+    # everything else replicated (fsdp=1).
     counts = _param_sizes(model_config)
-    expert_params = sum(size for path, size in counts if "experts" in path)
-    other_params = sum(size for path, size in counts if "experts" not in path)
-    assert report.params_bytes == 4 * (expert_params // 4 + other_params)
+    split = sum(size for path, size in counts if "experts" in path or "router" in path)
+    whole = sum(size for path, size in counts if "experts" not in path and "router" not in path)
+    assert report.params_bytes == 4 * (split // 4 + whole)
     # AdamW's two moments mirror the parameters; the rest is a few scalars.
     assert 2 * report.params_bytes <= report.opt_state_bytes < 2 * report.params_bytes + 1024
     assert report.argument_bytes >= report.params_bytes + report.opt_state_bytes
@@ -209,3 +210,22 @@ def _param_sizes(model_config):
     model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
     return [(tuple(str(p) for p in path), math.prod(v.get_value().shape))
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+@pytest.mark.xfail(reason="the trainer's DeepSeek-V3 bias update fails under scan_layers=True "
+                          "(nnx: 'Cannot extract graph node from different trace level')")
+def test_deepseek_v3_router_biases_update_under_scanned_layers():
+    try:
+        preflight.topology_devices("v5e:2x2")
+    except preflight.PreflightError as error:
+        pytest.skip(str(error))
+    config = _small("deepseek_v3_small")
+    config.model.num_layers = 1
+    # Tracing the step is enough to meet the failure; the compile is skipped when it is fixed.
+    completed, vocab_size = preflight._trainer_config(config)
+    model_config = preflight._model_config(completed, vocab_size)
+    mesh = parallel.make_mesh(**completed.mesh, devices=preflight.topology_devices("v5e:2x2"))
+    setup = preflight._abstract_setup(completed, model_config, mesh, None)
+    step = preflight._train_step(completed, setup, model_config)
+    with parallel.use_mesh(mesh):
+        step.trace(setup.state, setup.rng_state, preflight._batch(completed, mesh, None))
