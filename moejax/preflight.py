@@ -1,6 +1,7 @@
 """Preflight: does a config compile and fit on a TPU slice? Answered on any CPU host, ahead of time.
 
-  python -m moejax.preflight --config=experiments/pod/olmoe_1b_7b.py:slice=v5p-64 --topology=v5p:2x4x4
+  python -m moejax.preflight --config=experiments/pod/olmoe_1b_7b.py:slice=v5p-64 \
+    --topology=v5p:2x4x4
 
 The real sharded train step and eval step are compiled for the slice by the TPU compiler (libtpu,
 ``jax.experimental.topologies``; install the ``tpu`` or ``test`` extra) from abstract values only:
@@ -15,26 +16,30 @@ an invalid config or topology with exit code 2. Any config key may be overridden
 (``--config.batch_size=64``, ``--config.model.num_layers=2``).
 
 The preflight reads ``config.vocab_size`` and never the tokenizer file. The MoE layers compile the
-Pallas TPU kernels (``gmm_backend="pallas_tpu"``, not interpreted) whatever the config's backend says
-for CPU runs.
+Pallas TPU kernels (``gmm_backend="pallas_tpu"``, not interpreted) whatever the config's backend
+says for CPU runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
-from typing import Any
 
-import jax
+# libtpu locks the machine for one process; a preflight only compiles, so it shares (tests, several
+# preflights at once).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
-import ml_collections
-from flax import nnx
+import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from moejax import parallel
-from moejax.parallel import hlo
+from moejax import parallel  # noqa: E402
+from moejax.parallel import hlo  # noqa: E402
 
 # Per chip (the topology name's prefix): HBM per chip and peak dense bf16 FLOP/s.
 CHIPS = {
@@ -79,8 +84,8 @@ def _trainer_config(config) -> tuple[ml_collections.ConfigDict, int]:
     if vocab_size is None:
         if tokenizer != "byte":
             raise PreflightError(
-                f"config.vocab_size is None with tokenizer {tokenizer!r}: the preflight does not read "
-                "tokenizer files; set config.vocab_size (a multiple of 128)")
+                f"config.vocab_size is None with tokenizer {tokenizer!r}: the preflight does not "
+                "read tokenizer files; set config.vocab_size (a multiple of 128)")
         vocab_size = BYTE_VOCAB_SIZE
     if not isinstance(vocab_size, int) or vocab_size < 1 or vocab_size % 128:
         raise PreflightError(f"config.vocab_size must be a positive multiple of 128, got "
@@ -407,13 +412,13 @@ def _advice(config, model_config, mesh, chip, setup, *, compiler_message="") -> 
     if compiler_message:
         first = [line for line in compiler_message.splitlines() if line.strip()][:3]
         lines.append("TPU compiler: " + " ".join(first))
-    lines.append("what to change: " + "; ".join(_suggestions(config, model_config, mesh)))
+    lines.append("what to change: " + "; ".join(_suggestions(config, model_config,
+                                                              dict(mesh.shape))))
     return "\n".join(lines)
 
 
-def _suggestions(config, model_config, mesh) -> list[str]:
+def _suggestions(config, model_config, sizes: dict[str, int]) -> list[str]:
     out = []
-    sizes = dict(mesh.shape)
     if sizes.get("data", 1) > 1:
         out.append(f"move mesh.data = {sizes['data']} into mesh.fsdp (splits parameters and "
                    "optimizer state too)")
@@ -431,7 +436,8 @@ def format_report(r: Report) -> str:
     gib = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
     lines = [
         f"topology {r.topology}: {r.num_devices} x {r.chip} chips, mesh {r.mesh}",
-        f"model: {r.num_params / 1e9:.2f}B parameters, {r.active_params / 1e9:.2f}B active per token",
+        f"model: {r.num_params / 1e9:.2f}B parameters, "
+        f"{r.active_params / 1e9:.2f}B active per token",
         f"compile: train step {r.train_compile_s:.1f} s, eval step {r.eval_compile_s:.1f} s",
         "memory per device (train step):",
         f"  parameters       {gib(r.params_bytes)}",
@@ -469,7 +475,8 @@ def main(argv=None) -> int:
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Experiment config file (get_config()).", lock_config=False,
         accept_new_attributes=True)
-    topology_flag = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x4x4 or v5e:16x16.")
+    topology_flag = flags.DEFINE_string("topology", None,
+                                        "TPU slice, e.g. v5p:2x4x4 or v5e:16x16.")
     mfu_flag = flags.DEFINE_float("target_mfu", 0.4, "Model FLOPs utilisation to estimate at.")
     flags.mark_flags_as_required(["config", "topology"])
     try:
@@ -496,12 +503,11 @@ def _advice_from_report(r: Report, config) -> str:
     config, vocab_size = _trainer_config(config)
     model_config = _model_config(config, vocab_size)
     over = r.peak_bytes - r.hbm_bytes
-    mesh = type("M", (), {"shape": r.mesh})()
     return (f"does not fit on {r.chip}: {r.peak_bytes / GIB:.2f} GiB per device (parameters "
             f"{r.params_bytes / GIB:.2f}, optimizer state {r.opt_state_bytes / GIB:.2f}, "
             f"temporaries {r.temp_bytes / GIB:.2f}) > {r.hbm_bytes / GIB:.0f} GiB HBM by "
             f"{over / GIB:.2f} GiB\nwhat to change: "
-            + "; ".join(_suggestions(config, model_config, mesh)))
+            + "; ".join(_suggestions(config, model_config, r.mesh)))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
+import os
 
-import jax
+# libtpu takes a lock per machine; test workers compiling at once must share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
 import pytest
 
 from flax import nnx
