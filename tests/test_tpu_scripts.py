@@ -24,7 +24,7 @@ SCRIPT_NAMES = ("create", "setup", "run", "logs", "delete")
 # Settings the scripts read from the environment; cleared so the tests see the defaults.
 SETTINGS = ("TPU_NAME", "ZONE", "PROJECT_ID", "REMOTE_DIR", "ACCELERATOR_TYPE", "RUNTIME_VERSION",
             "SPOT", "BUCKET", "REPO_URL", "BRANCH", "SOURCE_DIR", "PYTHON_VERSION", "CONFIG",
-            "WORKDIR", "WORKER", "LOG_LINES")
+            "WORKDIR", "WORKER", "LOG_LINES", "TOPOLOGY", "PREFLIGHT", "LOCAL_PYTHON")
 CONFIGURED_PROJECT = "configured-project"
 
 FAKE_GCLOUD = """#!{python}
@@ -50,7 +50,9 @@ elif args[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
 FAKE_PYTHON3 = """#!{python}
 import json, os, sys
 with open(os.environ["FAKE_PYTHON_LOG"], "a") as log:
-    log.write(json.dumps({{"cwd": os.getcwd(), "args": sys.argv[1:]}}) + "\\n")
+    log.write(json.dumps({{"cwd": os.getcwd(), "args": sys.argv[1:],
+                          "jax_platforms": os.environ.get("JAX_PLATFORMS")}}) + "\\n")
+sys.exit(int(os.environ.get("FAKE_PYTHON_EXIT", "0")))
 """
 
 FAKE_TRAINER = """#!{python}
@@ -80,6 +82,8 @@ class Pod:
             FAKE_PYTHON_LOG=str(self.python_log),
             FAKE_WORKER_HOME=str(self.home),
             FAKE_GCLOUD_PROJECT=CONFIGURED_PROJECT,
+            # run.sh's preflight runs on this machine: the fake python3 records it.
+            LOCAL_PYTHON=str(self.bin / "python3"),
         )
 
     def run(self, script: str, *args: str, check: bool = True, **env: str):
@@ -296,6 +300,53 @@ def test_run_starts_the_trainer_detached_and_logs_to_train_log(installed_pod):
         time.sleep(0.1)
     assert log.read_text().split() == [
         "trainer", "-m", "moejax.main", "--config=experiments/default.py", "--workdir=gs://b/w"]
+
+
+def _preflights(pod):
+    return [c for c in pod.python_calls() if c["args"][:2] == ["-m", "moejax.preflight"]]
+
+
+def test_run_preflights_the_config_here_before_launching(installed_pod):
+    pod = installed_pod
+    pod.run("run", "--config=experiments/pod/olmoe_1b_7b.py:slice=v5p-64", "--topology=v5p:2x4x4",
+            "--", "--config.batch_size=64")
+    [preflight] = _preflights(pod)
+    assert preflight["args"] == [
+        "-m", "moejax.preflight", "--config=experiments/pod/olmoe_1b_7b.py:slice=v5p-64",
+        "--topology=v5p:2x4x4", "--config.batch_size=64"]
+    assert preflight["cwd"] == str(REPO) and preflight["jax_platforms"] == "cpu"
+    assert pod.calls_to("compute", "tpus", "tpu-vm", "ssh")
+
+
+def test_run_preflights_the_default_slice_without_arguments(installed_pod):
+    pod = installed_pod
+    pod.run("run")
+    [preflight] = _preflights(pod)
+    assert preflight["args"][2:] == ["--config=experiments/default.py", "--topology=v4:2x2x2"]
+
+
+def test_a_failed_preflight_stops_the_launch(installed_pod):
+    pod = installed_pod
+    result = pod.run("run", "--topology=v5e:16x16", check=False, FAKE_PYTHON_EXIT="1")
+    assert result.returncode == 2
+    assert "preflight failed for experiments/default.py on v5e:16x16" in result.stderr
+    assert "--no-preflight" in result.stderr
+    assert not pod.calls_to("compute", "tpus", "tpu-vm", "ssh")
+
+
+def test_no_preflight_launches_without_it(installed_pod):
+    pod = installed_pod
+    pod.run("run", "--no-preflight", FAKE_PYTHON_EXIT="1")
+    assert not pod.python_log.exists() or not _preflights(pod)
+    assert pod.calls_to("compute", "tpus", "tpu-vm", "ssh")
+
+
+def test_dry_run_prints_the_preflight_and_runs_nothing(pod):
+    result = pod.run("run", "--dry-run", "--project=p", "--topology=v6e:16x16")
+    [line] = [line for line in result.stdout.splitlines() if "moejax.preflight" in line]
+    assert shlex.split(line)[:3] == ["env", "JAX_PLATFORMS=cpu", str(pod.bin / "python3")]
+    assert "--topology=v6e:16x16" in shlex.split(line)
+    assert not pod.python_log.exists()
 
 
 # --- logs.sh, delete.sh -----------------------------------------------------------------------------

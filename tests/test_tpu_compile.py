@@ -1,0 +1,125 @@
+"""The Pallas TPU gmm/tgmm kernels through the real TPU compiler, for every TPU generation.
+
+Interpret mode checks the numbers and ``jax.export`` checks that Mosaic lowers the kernels; this file
+runs the next rung: libtpu's compiler, ahead of time on this CPU host, for one-chip programs on v4,
+v5e, v5p and v6e slices (``jax.experimental.topologies``). It is what rejects VMEM overflows and
+layouts the chip cannot hold. Each program holds gmm (plain and transposed rhs) and tgmm with their
+custom VJPs, on shapes whose last tiles are partial in every dimension, with a traced
+``group_offset`` (the rhs holds a slice of the groups, as under expert parallelism).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# libtpu takes a lock per machine; test workers compiling at once must share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.ops import gmm, tgmm
+
+# The smallest slice of each generation; the programs run on its first chip.
+CHIPS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+# Non-default tilings (tm, tk, tn) and the chip each is compiled for: the smallest row tile bf16
+# packs (16 rows) with a wide output tile, and large square tiles on the chip with the least VMEM.
+OTHER_TILINGS = {(16, 128, 256): "v5e", (256, 256, 256): "v4"}
+NUM_GROUPS, LOCAL_GROUPS = 8, 4
+
+
+@functools.cache
+def _topology(chip):
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=CHIPS[chip])
+    except Exception as error:  # libtpu is missing on this machine
+        pytest.skip(f"no TPU compiler: {error}")
+
+
+def _one_chip(chip):
+    mesh = jax.sharding.Mesh(np.array(_topology(chip).devices[:1]), ("x",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _structs(chip, dtype, m, k, n):
+    sharding = _one_chip(chip)
+
+    def struct(shape, dt=dtype):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    return dict(
+        lhs=struct((m, k)), rhs=struct((LOCAL_GROUPS, k, n)), rhs_t=struct((LOCAL_GROUPS, n, k)),
+        dout=struct((m, n)), dw=struct((LOCAL_GROUPS, k, n)),
+        group_sizes=struct((NUM_GROUPS,), jnp.int32), offset=struct((), jnp.int32))
+
+
+def _kernels_and_vjps(tiling, lhs, rhs, rhs_t, dout, dw, group_sizes, offset):
+    """gmm, gmm with transposed rhs and tgmm, each with its VJP: 9 Pallas kernels in all."""
+    kw = dict(group_offset=offset, tiling=tiling, backend="pallas_tpu", interpret=False)
+    out, vjp = jax.vjp(lambda x, w: gmm(x, w, group_sizes, **kw), lhs, rhs)
+    out_t, vjp_t = jax.vjp(lambda x, w: gmm(x, w, group_sizes, transpose_rhs=True, **kw),
+                           lhs, rhs_t)
+    w, vjp_w = jax.vjp(lambda x, y: tgmm(x, y, group_sizes, num_groups=LOCAL_GROUPS, **kw),
+                       lhs, dout)
+    return out, vjp(dout), out_t, vjp_t(dout), w, vjp_w(dw)
+
+
+def _compile(chip, dtype, tiling, m, k, n):
+    structs = _structs(chip, dtype, m, k, n)
+    return jax.jit(functools.partial(_kernels_and_vjps, tiling)).lower(**structs).compile()
+
+
+def _kernel_calls(compiled) -> int:
+    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+# m = 300 rows: the last row tile is partial; k = 200 and n = 320 leave partial k and n tiles too.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chip", CHIPS)
+def test_gmm_tgmm_and_their_vjps_compile_for_every_chip_at_the_default_tiling(chip, dtype):
+    compiled = _compile(chip, DTYPES[dtype], None, m=300, k=200, n=320)
+    assert _kernel_calls(compiled) == 9
+    memory = compiled.memory_analysis()
+    assert memory.output_size_in_bytes > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiling", OTHER_TILINGS)
+def test_gmm_tgmm_and_their_vjps_compile_at_other_tilings(tiling, dtype):
+    # 600 x 400 x 320: partial last tiles in m, k and n for each of these tilings.
+    compiled = _compile(OTHER_TILINGS[tiling], DTYPES[dtype], tiling, m=600, k=400, n=320)
+    assert _kernel_calls(compiled) == 9
+
+
+def test_a_tiling_beyond_the_scoped_vmem_limit_is_rejected_by_the_tpu_compiler():
+    """Interpret mode and jax.export accept this tiling; the chip cannot hold its double-buffered
+    f32 tiles (about 18 MiB, mostly the 9 MiB rhs tile twice) in the default 16 MiB of scoped VMEM
+    on v5e."""
+    s = _structs("v5e", jnp.float32, 64, 1536, 1536)
+    sizes = jax.ShapeDtypeStruct((LOCAL_GROUPS,), jnp.int32, sharding=_one_chip("v5e"))
+    fn = jax.jit(lambda x, w, g: gmm(x, w, g, tiling=(8, 1536, 1536), backend="pallas_tpu",
+                                     interpret=False))
+    lowered = fn.lower(s["lhs"], s["rhs"], sizes)
+    with pytest.raises(Exception, match="(?i)scoped vmem"):
+        lowered.compile()
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v5p"])
+def test_lax_ragged_dot_and_its_gradient_compile_for_tpu(chip):
+    """The baseline a Pallas kernel must beat on TPU: XLA's own grouped matmul (a native ragged
+    dot with a tile-metadata custom call), not the masked dense expansion the CPU gets."""
+    s = _structs(chip, jnp.bfloat16, m=300, k=200, n=320)
+    sizes = jax.ShapeDtypeStruct((LOCAL_GROUPS,), jnp.int32, sharding=_one_chip(chip))
+
+    def loss(x, w, g):
+        y = jax.lax.ragged_dot(x, w, g).astype(jnp.float32)
+        return jnp.sum(y * jnp.cos(y))
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+        s["lhs"], s["rhs"], sizes).compile()
+    assert "ragged" in compiled.as_text()
