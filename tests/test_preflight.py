@@ -11,10 +11,8 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
-import os
 
 # libtpu takes a lock per machine; test workers compiling at once must share it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import pytest
