@@ -7,7 +7,6 @@ Subprocess runs share a persistent compilation cache, so only the first one comp
 
 import contextlib
 import fcntl
-import importlib.util
 import os
 import signal
 import socket
@@ -26,10 +25,13 @@ import scipy.special
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from moejax import train
-from moejax.checkpoint import Checkpointer
-from moejax.metrics_writer import read_metrics
+from experiments import smoke
+from moejax import trainer
 from moejax.models import Transformer
+from moejax.trainer.checkpoint import Checkpointer
+from moejax.trainer.config import complete_config, make_model_config
+from moejax.trainer.metrics_writer import read_metrics
+from moejax.trainer.state import make_optimizer, param_group
 
 # The trainer uses optax, which relies on implicit dtype promotion (float ** int32 step counts).
 pytestmark = pytest.mark.dtype_promotion("standard")
@@ -38,10 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**overrides) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(REPO, "experiments", "smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = smoke.get_config()
     config.update(overrides)
     return config
 
@@ -68,7 +67,7 @@ def shared_run(tmp_path_factory, name, make_config):
     workdir = root / name
     with _locked(root / f"{name}.lock"):
         if not (root / f"{name}.done").exists():
-            train.run(make_config(), str(workdir))
+            trainer.run(make_config(), str(workdir))
             (root / f"{name}.done").write_text("ok")
     return str(workdir)
 
@@ -248,13 +247,13 @@ def test_a_gs_workdir_trains_like_a_local_one_and_resumes_from_the_bucket(smoke_
 
     root = tmp_path / "gcs"
     with FakeGCSServer(root), install(root):
-        train.run(smoke_config(), "gs://bucket/run")
+        trainer.run(smoke_config(), "gs://bucket/run")
         run = root / "bucket" / "run"
         first = read_metrics(str(run))
         assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
         # Resuming reads the checkpoint, metrics and events back from the bucket.
-        train.run(smoke_config(num_train_steps=9), "gs://bucket/run")
-        train.run(smoke_config(num_train_steps=9, init_from="gs://bucket/run"),
+        trainer.run(smoke_config(num_train_steps=9), "gs://bucket/run")
+        trainer.run(smoke_config(num_train_steps=9, init_from="gs://bucket/run"),
                   str(tmp_path / "tuned"))
 
     local = read_metrics(smoke_workdir)
@@ -286,7 +285,7 @@ def test_instruction_tuning_with_a_frozen_router_changes_experts_but_not_the_rou
         dataset="instruct_synth", seq_len=128, num_train_steps=2, eval_every_steps=2,
         checkpoint_every_steps=2, init_from=smoke_workdir, freeze="router",
         instruct_eval=dict(families=("min",), num_examples=2, max_new_tokens=2))
-    summary = train.run(config, str(tmp_path))
+    summary = trainer.run(config, str(tmp_path))
     assert 0.0 <= summary["eval_exact_match/min"] <= 1.0
     before, after = restore_raw(smoke_workdir, 6), restore_raw(str(tmp_path), 2)
     for layer in ("0", "1"):
@@ -326,8 +325,8 @@ def test_single_task_fine_tuning_reads_the_chosen_splits_and_scores_answer_loss(
         dataset="instruct_synth", train_split="task_min", eval_split="eval_min", seq_len=128,
         num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, init_from=smoke_workdir,
         instruct_eval=dict(families=("min", "max"), num_examples=3, max_new_tokens=2, seed=4))
-    summary = train.run(config, str(tmp_path))
-    model_config = train.make_model_config(train.complete_config(config))
+    summary = trainer.run(config, str(tmp_path))
+    model_config = make_model_config(complete_config(config))
     model = Transformer(model_config, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(params, restore_raw(str(tmp_path), 2))
@@ -342,22 +341,22 @@ def test_single_task_fine_tuning_reads_the_chosen_splits_and_scores_answer_loss(
 def test_unknown_train_split_is_named_in_the_error(tmp_path):
     config = smoke_config(dataset="instruct_synth", train_split="task_divide", seq_len=128)
     with pytest.raises(ValueError, match="unknown split 'task_divide' of 'instruct_synth'"):
-        train.run(config, str(tmp_path))
+        trainer.run(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("freeze", ["router", "experts", "non_expert"])
 def test_freeze_zeroes_the_updates_of_exactly_that_parameter_group(freeze):
-    model_config = train.make_model_config(train.complete_config(smoke_config()))
+    model_config = make_model_config(complete_config(smoke_config()))
     params = nnx.state(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param)
-    config = train.complete_config(smoke_config(freeze=freeze))
-    tx = train.make_optimizer(config, lambda step: 1e-2, params)
+    config = complete_config(smoke_config(freeze=freeze))
+    tx = make_optimizer(config, lambda step: 1e-2, params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
     flat = jax.tree_util.tree_leaves_with_path(updates)
-    groups = {train.param_group(path) for path, _ in flat}
+    groups = {param_group(path) for path, _ in flat}
     assert groups == {"router", "experts", "non_expert"}
     for path, update in flat:
-        frozen = train.param_group(path) == freeze
+        frozen = param_group(path) == freeze
         assert bool(jnp.all(update == 0)) == frozen, jax.tree_util.keystr(path)
 
 
@@ -412,22 +411,43 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
     (dict(optimizer=dict(lerning_rate=1.0)), "config.optimizer.lerning_rate is not a known key"),
     (dict(moe=dict(num_expert=4)), "config.moe.num_expert is not a known key"),
     (dict(freeze="gate"), "config.freeze must be one of"),
+    # Optimizer and schedule values that would train in the wrong direction or not at all.
+    (dict(optimizer=dict(grad_clip_norm=-1.0)), "config.optimizer.grad_clip_norm must be a finite "
+                                                "number > 0, got -1.0"),
+    (dict(optimizer=dict(end_learning_rate_ratio=-5.0)), "config.optimizer.end_learning_rate_ratio"
+                                                         " must be a finite number in [0, 1]"),
+    (dict(optimizer=dict(b2=1.5)), "config.optimizer.b2 must be a finite number in [0, 1)"),
+    (dict(optimizer=dict(weight_decay=-1.0)), "config.optimizer.weight_decay must be a finite"),
+    (dict(optimizer=dict(learning_rate=float("nan"))), "config.optimizer.learning_rate must be"),
+    (dict(optimizer=dict(eps=0.0)), "config.optimizer.eps must be a finite number > 0"),
+    (dict(optimizer=dict(warmup_steps=2.5)), "config.optimizer.warmup_steps must be an int >= 0"),
+    (dict(router_bias_update_rate=-1.0), "config.router_bias_update_rate must be"),
+    (dict(skip_nonfinite_steps=-1), "config.skip_nonfinite_steps must be an int >= 0"),
+    (dict(tokenizer=""), "config.tokenizer must be a non-empty string"),
+    (dict(tokenizer="sentencepiece:/x.model"), "config.tokenizer = 'sentencepiece:/x.model' is not "
+                                               "supported"),
+    (dict(vocab_size=300), "config.vocab_size must be None or a positive multiple of 128"),
+    (dict(vocab_size=256), "config.vocab_size = 256 is smaller than the 'byte' tokenizer's"),
 ])
 def test_bad_config_raises_a_clear_error(overrides, message, tmp_path):
+    config = smoke_config().to_dict()  # a plain dict: the trainer itself must catch the key
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.run(smoke_config(**overrides), str(tmp_path))
+        trainer.run(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
 
 
 def test_unknown_dataset_error_lists_the_available_ones(tmp_path):
     with pytest.raises(ValueError, match="stdlib_text"):
-        train.run(smoke_config(dataset="no_such_corpus"), str(tmp_path))
+        trainer.run(smoke_config(dataset="no_such_corpus"), str(tmp_path))
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="is not writable"):
-        train.run(smoke_config(), str(blocker / "run"))
+        trainer.run(smoke_config(), str(blocker / "run"))
 
 
 def test_command_line_override_of_a_missing_key_fails_naming_it(tmp_path, tmp_path_factory):
