@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import (REPO, restore_raw, shared_run, smoke_config, smoke_workdir,  # noqa: F401
+from test_train import (REPO, _FakeIterator, restore_raw, shared_run, smoke_config, smoke_workdir,  # noqa: F401
                         subprocess_env)
 
 from moejax import parallel, trainer
@@ -147,17 +147,6 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(finished_run):
                                                  r"\(32, 2, 16\) float32, model \(64, 2, 32\) float32"):
         trainer.run(config, str(finished_run))
     assert snapshot(finished_run) == before
-
-
-class _FakeIterator:
-    def __init__(self, state=b"s0"):
-        self.state = state
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.state = state
 
 
 def _save_two_steps(directory):
