@@ -1,18 +1,23 @@
-"""grain pipeline: packing, determinism, per-process shards, resumable state, loss masks, bad input."""
+"""grain pipeline: packing, determinism, per-process shards, resumable state, loss masks, subword
+tokenizers and their cached token streams, bad input."""
 
 import itertools
 import json
+import os
 import re
+import threading
 
 import jax
 import numpy as np
 import pytest
+import sentencepiece
 import tensorflow_datasets as tfds
 from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import data
+from moejax.data import pipeline, train_tokenizer
 
 SMALL = "stdlib_text/small"
 
@@ -20,6 +25,19 @@ SMALL = "stdlib_text/small"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def sp_model(data_dir):
+    """A SentencePiece model trained on the small corpus' training split (384 ids)."""
+    return train_tokenizer.train_sentencepiece(
+        train_tokenizer.dataset_texts(SMALL, data_dir=data_dir), vocab_size=384, num_threads=1
+    )
+
+
+@pytest.fixture(scope="module")
+def sp(sp_model):
+    return data.SentencePieceTokenizer(sp_model)
 
 
 def _iterator(data_dir, name=SMALL, **kwargs):
@@ -195,6 +213,126 @@ def test_instruct_train_batches_hold_no_held_out_prompts(data_dir):
             assert not any(p.match(instruction) for p in held_out), instruction
 
 
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_the_default_tokenizer_gives_the_byte_batches(data_dir):
+    default = _take(_iterator(data_dir, seed=5), 2)
+    for tokenizer in ("byte", data.ByteTokenizer()):
+        _assert_same_batches(_take(_iterator(data_dir, seed=5, tokenizer=tokenizer), 2), default)
+    assert json.loads(_iterator(data_dir).get_state())["pipeline"]["tokenizer"] == "byte"
+
+
+def _sp_stream(sp_model, data_dir, split):
+    """doc_0 EOS doc_1 EOS ... encoded by the sentencepiece library itself."""
+    reference = sentencepiece.SentencePieceProcessor(model_proto=sp_model)
+    source = data.load_builder(SMALL, data_dir).as_data_source(split=split)
+    parts = [[*reference.encode(source[i]["text"].decode()), reference.eos_id()] for i in range(len(source))]
+    return np.concatenate(parts)
+
+
+def test_subword_rows_tile_the_encoded_token_stream(data_dir, sp, sp_model):
+    seq_len = 256
+    stream = _sp_stream(sp_model, data_dir, "validation")
+    rows = _iterator(data_dir, split="validation", seq_len=seq_len, batch_size=1, shuffle=False,
+                     num_epochs=1, tokenizer=sp)
+    windows = [np.concatenate([b["inputs"][0], b["targets"][0, -1:]]) for b in rows]
+    assert len(windows) == (len(stream) - 1) // seq_len
+    assert len(stream) < 0.8 * len(_token_stream(data_dir, "validation"))  # fewer tokens than bytes
+    for w, window in enumerate(windows):
+        assert window.dtype == np.int32
+        np.testing.assert_array_equal(window, stream[w * seq_len : w * seq_len + seq_len + 1])
+
+
+def test_subword_process_shards_are_disjoint_and_make_up_the_global_batch(data_dir, sp):
+    whole = _take(_iterator(data_dir, batch_size=4, tokenizer=sp), 2)
+    shards = [_take(_iterator(data_dir, batch_size=2, process_index=p, process_count=2, tokenizer=sp), 2)
+              for p in (0, 1)]
+    for step in range(2):
+        rows_0, rows_1 = shards[0][step]["inputs"], shards[1][step]["inputs"]
+        assert not {r.tobytes() for r in rows_0} & {r.tobytes() for r in rows_1}
+        np.testing.assert_array_equal(np.concatenate([rows_0, rows_1]), whole[step]["inputs"])
+        assert whole[step]["inputs"].max() < sp.vocab_size
+
+
+def test_the_token_stream_is_tokenized_once_into_the_cache_and_reused(data_dir, sp, tmp_path, monkeypatch):
+    cache_dir = str(tmp_path / "cache")
+    monkeypatch.setattr(pipeline, "_token_stream_memo", {})
+    builder = data.load_builder(SMALL, data_dir)
+    streams = [None, None]
+
+    def tokenize(i):
+        streams[i] = data.token_stream(builder, "validation", "text", sp, cache_dir)
+
+    threads = [threading.Thread(target=tokenize, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (entry,) = [e for e in os.listdir(cache_dir) if not e.startswith(".")]
+    assert entry.startswith("stdlib_text_small_1.0.0-validation-text-" + sp.name)
+    info = json.loads((tmp_path / "cache" / entry / "info.json").read_text())
+    assert info["dtype"] == "uint16" and info["tokenizer"] == sp.name
+    assert info["num_tokens"] == len(streams[0])
+    assert info["num_documents"] == builder.info.splits["validation"].num_examples
+    np.testing.assert_array_equal(streams[0], streams[1])
+    # A later process reads the file: the same tokens, and nothing is tokenized again.
+    monkeypatch.setattr(pipeline, "_token_stream_memo", {})
+    mtime = os.path.getmtime(tmp_path / "cache" / entry / "tokens.bin")
+    monkeypatch.setattr(sp, "encode_batch", None)  # tokenizing again would fail
+    np.testing.assert_array_equal(data.token_stream(builder, "validation", "text", sp, cache_dir), streams[0])
+    assert os.path.getmtime(tmp_path / "cache" / entry / "tokens.bin") == mtime
+
+
+def test_subword_streams_are_cached_under_the_data_dir_by_default(data_dir, sp):
+    _iterator(data_dir, split="validation", tokenizer=sp)
+    entries = os.listdir(os.path.join(data_dir, data.pipeline.TOKEN_CACHE_SUBDIR))
+    assert any(sp.name in e for e in entries)
+    assert data.default_cache_dir("gs://bucket/tfds") == os.path.expanduser("~/.cache/moejax/token_streams")
+
+
+def test_state_saved_with_another_tokenizer_is_rejected(data_dir, sp):
+    state = _iterator(data_dir).get_state()
+    with pytest.raises(ValueError, match=f"tokenizer: saved 'byte', now '{sp.name}'"):
+        _iterator(data_dir, tokenizer=sp).set_state(state)
+
+
+def test_a_state_saved_before_tokenizers_restores_as_bytes(data_dir):
+    iterator = _iterator(data_dir, seed=3)
+    next(iterator)
+    state = json.loads(iterator.get_state())
+    del state["pipeline"]["tokenizer"]
+    expected = next(iterator)
+    resumed = _iterator(data_dir, seed=3)
+    resumed.set_state(json.dumps(state).encode())
+    _assert_same_batches([next(resumed)], [expected])
+
+
+def test_subword_instruction_rows_weight_the_answer_and_match_generation_prompts(data_dir, sp):
+    source = data.load_builder("instruct_synth", data_dir).as_data_source(split="eval_min")
+    batch = next(_iterator(data_dir, "instruct_synth", split="eval_min", seq_len=127, shuffle=False,
+                           tokenizer=sp))
+    for i in range(4):
+        prompt, answer = source[i]["prompt"].decode(), source[i]["answer"].decode()
+        inputs, weighted = batch["inputs"][i], batch["targets"][i][batch["weights"][i] > 0]
+        np.testing.assert_array_equal(weighted, sp.encode(answer, eos=True))
+        prompt_ids = sp.encode(prompt, bos=True)  # what generation feeds the model
+        np.testing.assert_array_equal(inputs[: len(prompt_ids)], prompt_ids)
+        length = len(prompt_ids) + len(weighted)
+        assert (inputs[length:] == sp.pad_id).all()
+        assert sp.decode(inputs) == prompt + answer
+
+
+def test_instruct_synth_room_is_counted_in_the_tokenizers_tokens(data_dir, sp):
+    with pytest.raises(ValueError, match=r"seq_len must be at least \d+ for instruct_synth with tokenizer "
+                                         r"'sentencepiece:<bytes>' \(its longest example is \d+ tokens\), "
+                                         r"got 16") as e:
+        _iterator(data_dir, "instruct_synth", split="eval_add", seq_len=16, tokenizer=sp)
+    needed = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    assert 16 < needed < 127  # fewer subword tokens than bytes
+    _iterator(data_dir, "instruct_synth", split="eval_add", seq_len=needed, tokenizer=sp)
+
+
 # ------------------------------------------------------------------------------------------- datasets
 
 
@@ -258,7 +396,7 @@ def test_unknown_split_raises_listing_the_splits(data_dir):
 
 
 def test_unknown_dataset_raises_listing_the_available_ones(data_dir):
-    expected = "unknown dataset 'lm1b'; available: instruct_synth, stdlib_text, stdlib_text/small,"
+    expected = "unknown dataset 'lm1b'; available: digits_images, instruct_synth, stdlib_text, stdlib_text/small,"
     with pytest.raises(ValueError, match=expected) as e:
         _iterator(data_dir, "lm1b")
     assert "any TFDS dataset prepared" in str(e.value)

@@ -1,13 +1,19 @@
 """grain input pipeline over TFDS array_record data: tokenize, pack, shuffle, shard per process, batch.
 
-Every dataset becomes a random-access sequence of rows of ``seq_len + 1`` tokens:
+Every dataset becomes a random-access sequence of rows of ``seq_len + 1`` tokens of the ``tokenizer``
+(:func:`moejax.data.get_tokenizer`; bytes by default):
 
-- text datasets (``stdlib_text``, any prepared TFDS dataset): the split's documents in stored order form
-  one stream ``doc_0 EOS doc_1 EOS ...``; row ``w`` is ``stream[w * seq_len : (w + 1) * seq_len + 1]``
+- text datasets (``stdlib_text``, any TFDS dataset prepared as array_record, e.g. ``c4/en``, ``lm1b``,
+  ``wikipedia/20230601.en``, with its text feature ``text_key``): the split's documents in stored order
+  form one stream ``doc_0 EOS doc_1 EOS ...``; row ``w`` is ``stream[w * seq_len : (w + 1) * seq_len + 1]``
   (consecutive rows overlap by one token, so every token of the stream is a target exactly once per
-  epoch); the partial window at the end is dropped. Finding a window's documents needs every document's
-  length: one pass over the split when the iterator is created (0.1 s for ``stdlib_text``), remembered
-  per process.
+  epoch); the partial window at the end is dropped.
+
+  Bytes: finding a window's documents needs every document's length, one pass over the split when the
+  iterator is created (0.1 s for ``stdlib_text``), remembered per process; windows are encoded when read.
+  A subword tokenizer: the whole stream is tokenized once per (dataset, split, text_key, tokenizer
+  fingerprint) and cached on disk under ``cache_dir`` (``tokens.bin``, uint16 ids when the vocabulary
+  allows, and ``info.json``), then memory-mapped; other processes and later runs reuse it.
 - ``instruct_synth``: row ``i`` is example ``i`` as ``[BOS] prompt answer [EOS]``, right-padded with PAD.
 
 Rows become ``{"inputs": row[:-1], "targets": row[1:], "weights": ...}`` (weights 1 on every target of
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
@@ -36,16 +43,22 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from moejax.data import instruct_synth, stdlib_text
-from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
+from moejax.data import digits_images, instruct_synth, stdlib_text
+from moejax.data.tokenizer import BYTE, Tokenizer, encode, get_tokenizer
 
 DEFAULT_DATA_DIR = "~/.cache/moejax/tfds"
+# Token streams of a remote data_dir are cached here; of a local one, in data_dir/TOKEN_CACHE_SUBDIR.
+DEFAULT_REMOTE_CACHE_DIR = "~/.cache/moejax/token_streams"
+TOKEN_CACHE_SUBDIR = "_token_streams"
 _BUILTIN_BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
+    "digits_images": digits_images.DigitsImages,
     "instruct_synth": instruct_synth.InstructSynth,
     "stdlib_text": stdlib_text.StdlibText,
 }
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _doc_lengths_memo: dict[tuple[str, str, str], np.ndarray] = {}
+_token_stream_memo: dict[str, np.ndarray] = {}
+_instruct_max_len_memo: dict[tuple[str, str, str], int] = {}
 
 
 def _base_name(name: str) -> str:
@@ -172,6 +185,105 @@ class PackedText:
         return tokens[start - offset : stop - offset]
 
 
+class PackedTokens:
+    """Random-access windows of ``seq_len + 1`` tokens over a tokenized stream (int32 rows)."""
+
+    def __init__(self, stream_N: np.ndarray, seq_len: int):
+        self._stream_N = stream_N
+        self._seq_len = seq_len
+        self._num_windows = max(len(stream_N) - 1, 0) // seq_len
+
+    def __len__(self) -> int:
+        return self._num_windows
+
+    def __getitem__(self, window: int) -> np.ndarray:
+        start = window * self._seq_len
+        return np.asarray(self._stream_N[start : start + self._seq_len + 1], np.int32)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def default_cache_dir(data_dir: str | None) -> str:
+    """Where token streams of ``data_dir``'s datasets are cached when ``cache_dir`` is not given."""
+    data_dir = _resolve_data_dir(data_dir)
+    if _is_local(data_dir):
+        return os.path.join(data_dir, TOKEN_CACHE_SUBDIR)
+    return os.path.expanduser(DEFAULT_REMOTE_CACHE_DIR)
+
+
+def _stream_cache_dir(builder, split: str, text_key: str, tokenizer: Tokenizer, cache_dir: str) -> epath.Path:
+    key = json.dumps([str(builder.data_path), split, text_key, tokenizer.name])
+    readable = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{builder.info.full_name}-{split}-{text_key}")
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    return epath.Path(cache_dir) / f"{readable}-{tokenizer.name}-{digest}"
+
+
+def _write_token_stream(
+    source, text_key: str, tokenizer: Tokenizer, directory: epath.Path, info: dict
+) -> None:
+    """Tokenize every document into ``directory/tokens.bin`` (through a temporary directory)."""
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
+    tmp = directory.parent / f".{directory.name}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    num_tokens, eos_N = 0, np.array([tokenizer.eos_id], dtype)
+    with (tmp / "tokens.bin").open("wb") as out:
+        for start in range(0, len(source), 1024):
+            records = source.__getitems__(range(start, min(start + 1024, len(source))))
+            ids = tokenizer.encode_batch([r[text_key] for r in records])
+            chunk_N = np.concatenate([part for doc in ids for part in (doc.astype(dtype), eos_N)])
+            out.write(chunk_N.astype(dtype.newbyteorder("<")).tobytes())
+            num_tokens += len(chunk_N)
+    info = info | {"dtype": dtype.name, "num_tokens": num_tokens, "num_documents": len(source)}
+    (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    if directory.exists():  # another process finished first (a remote cache_dir is not locked)
+        tmp.rmtree()
+    else:
+        tmp.rename(directory)
+
+
+def _read_token_stream(directory: epath.Path) -> np.ndarray:
+    info = json.loads((directory / "info.json").read_text())
+    dtype = np.dtype(info["dtype"]).newbyteorder("<")
+    if info["num_tokens"] == 0:
+        return np.zeros(0, dtype)
+    if _is_local(os.fspath(directory)):
+        return np.memmap(os.fspath(directory / "tokens.bin"), dtype, mode="r", shape=(info["num_tokens"],))
+    return np.frombuffer((directory / "tokens.bin").read_bytes(), dtype)
+
+
+def token_stream(
+    builder, split: str, text_key: str, tokenizer: Tokenizer, cache_dir: str
+) -> np.ndarray:
+    """The split's stream ``doc_0 EOS doc_1 EOS ...`` in ``tokenizer``'s ids, from (or into) the cache."""
+    directory = _stream_cache_dir(builder, split, text_key, tokenizer, cache_dir)
+    memo_key = os.fspath(directory)
+    if memo_key in _token_stream_memo:
+        return _token_stream_memo[memo_key]
+    if not (directory / "info.json").exists():
+        info = {
+            "dataset": builder.info.full_name,
+            "data_path": str(builder.data_path),
+            "split": split,
+            "text_key": text_key,
+            "tokenizer": tokenizer.name,
+            "tokenizer_spec": tokenizer.spec,
+        }
+        source = builder.as_data_source(split=split)
+        if _is_local(cache_dir):
+            os.makedirs(cache_dir, exist_ok=True)
+            # Processes on one host tokenize once: the others wait here and read the result.
+            with open(os.path.join(cache_dir, f".{directory.name}.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (directory / "info.json").exists():
+                    _write_token_stream(source, text_key, tokenizer, directory, info)
+        else:
+            _write_token_stream(source, text_key, tokenizer, directory, info)
+    _token_stream_memo[memo_key] = _read_token_stream(directory)
+    return _token_stream_memo[memo_key]
+
+
 def _text_row(window_T: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "inputs": window_T[:-1],
@@ -180,22 +292,40 @@ def _text_row(window_T: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def instruct_row(prompt: str | bytes, answer: str | bytes, seq_len: int) -> dict[str, np.ndarray]:
-    """One padded instruction example; ``weights`` is 1 exactly on the answer and EOS targets."""
-    prompt_ids = encode(prompt)
-    tokens = np.concatenate([[BOS_ID], prompt_ids, encode(answer), [EOS_ID]]).astype(np.int32)
+def instruct_row(
+    prompt: str | bytes, answer: str | bytes, seq_len: int, tokenizer: Tokenizer | str | None = None
+) -> dict[str, np.ndarray]:
+    """One padded instruction example; ``weights`` is 1 exactly on the answer and EOS targets.
+
+    ``[BOS] prompt answer [EOS]`` with prompt and answer encoded separately (a prompt at generation time
+    is ``tokenizer.encode(prompt, bos=True)``: the same ids), right-padded with ``tokenizer.pad_id``.
+    """
+    tokenizer = get_tokenizer(tokenizer)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    tokens = np.concatenate([prompt_ids, tokenizer.encode(answer, eos=True)]).astype(np.int32)
     if len(tokens) > seq_len + 1:
         raise ValueError(f"example of {len(tokens)} tokens does not fit seq_len + 1 = {seq_len + 1}")
-    row_T = np.full(seq_len + 1, PAD_ID, np.int32)
+    row_T = np.full(seq_len + 1, tokenizer.pad_id, np.int32)
     row_T[: len(tokens)] = tokens
     weights = np.zeros(seq_len, np.float32)
-    # target j is token j + 1; the answer starts at token 1 + len(prompt) and ends with EOS at len - 1.
-    weights[len(prompt_ids) : len(tokens) - 1] = 1.0
+    # target j is token j + 1; the answer starts at token len(BOS prompt) and ends with EOS at len - 1.
+    weights[len(prompt_ids) - 1 : len(tokens) - 1] = 1.0
     return {"inputs": row_T[:-1], "targets": row_T[1:], "weights": weights}
 
 
-def _instruct_record_row(record, *, seq_len: int) -> dict[str, np.ndarray]:
-    return instruct_row(record["prompt"], record["answer"], seq_len)
+def _instruct_record_row(record, *, seq_len: int, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    return instruct_row(record["prompt"], record["answer"], seq_len, tokenizer)
+
+
+def _instruct_max_len(source, memo_key: tuple[str, str, str], tokenizer: Tokenizer) -> int:
+    """Tokens in the split's longest ``[BOS] prompt answer [EOS]``."""
+    if memo_key not in _instruct_max_len_memo:
+        records = source.__getitems__(range(len(source)))
+        prompts = tokenizer.encode_batch([r["prompt"] for r in records])
+        answers = tokenizer.encode_batch([r["answer"] for r in records])
+        longest = max((len(p) + len(a) for p, a in zip(prompts, answers)), default=0)
+        _instruct_max_len_memo[memo_key] = 2 + longest
+    return _instruct_max_len_memo[memo_key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +340,7 @@ class _Fingerprint:
     shuffle: bool
     num_epochs: int | None
     text_key: str
+    tokenizer: str
 
 
 class DataIterator(Iterator[dict[str, np.ndarray]]):
@@ -241,6 +372,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
             saved, grain_state = decoded["pipeline"], decoded["grain"]
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"state is not a DataIterator state: {e}") from e
+        saved.setdefault("tokenizer", BYTE.name)  # states saved before tokenizers were selectable
         expected = dataclasses.asdict(self._fingerprint)
         mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
         if mismatched:
@@ -267,13 +399,18 @@ def create_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     text_key: str = "text",
+    tokenizer: Tokenizer | str | None = None,
+    cache_dir: str | None = None,
 ) -> DataIterator:
     """Batches of ``name``'s ``split`` for this process; ``batch_size`` is the per-process batch.
 
     ``num_epochs=None`` repeats forever; otherwise the last incomplete global batch is dropped. Process
     ``process_index`` of ``process_count`` (default: this JAX process) gets its rows of every global batch.
-    ``text_key`` names the text feature of a TFDS dataset (unused by ``instruct_synth``).
+    ``text_key`` names the text feature of a TFDS dataset (unused by ``instruct_synth``). ``tokenizer``
+    is a :class:`~moejax.data.Tokenizer` or a spec for :func:`~moejax.data.get_tokenizer` (default: bytes);
+    a subword tokenizer's token streams are cached under ``cache_dir`` (default: ``default_cache_dir``).
     """
+    tokenizer = get_tokenizer(tokenizer)
     _check_positive(seq_len, "seq_len")
     _check_positive(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -294,22 +431,32 @@ def create_iterator(
     source = builder.as_data_source(split=split)
     make_row: Callable[..., dict[str, np.ndarray]]
     if _base_name(name) == "instruct_synth":
-        if seq_len + 1 < instruct_synth.MAX_LEN:
+        if tokenizer.name == BYTE.name:
+            max_len = instruct_synth.MAX_LEN
+        else:
+            max_len = _instruct_max_len(source, (str(builder.data_path), split, tokenizer.name), tokenizer)
+        if seq_len + 1 < max_len:
             raise ValueError(
-                f"seq_len must be at least {instruct_synth.MAX_LEN - 1} for instruct_synth "
-                f"(its longest example is {instruct_synth.MAX_LEN} tokens), got {seq_len}"
+                f"seq_len must be at least {max_len - 1} for instruct_synth with tokenizer "
+                f"{tokenizer.spec!r} (its longest example is {max_len} tokens), got {seq_len}"
             )
         rows = grain.MapDataset.source(source)
-        make_row = functools.partial(_instruct_record_row, seq_len=seq_len)
+        make_row = functools.partial(_instruct_record_row, seq_len=seq_len, tokenizer=tokenizer)
     else:
         if text_key not in builder.info.features.keys():
             features = sorted(builder.info.features.keys())
             raise ValueError(f"text_key {text_key!r} is not a feature of {name!r}; features: {features}")
-        memo_key = (str(builder.data_path), split, text_key)
-        packed = PackedText(source, _doc_lengths(source, memo_key, text_key), text_key, seq_len)
+        packed: PackedText | PackedTokens
+        if tokenizer.name == BYTE.name:
+            memo_key = (str(builder.data_path), split, text_key)
+            packed = PackedText(source, _doc_lengths(source, memo_key, text_key), text_key, seq_len)
+        else:
+            cache_dir = default_cache_dir(data_dir) if cache_dir is None else cache_dir
+            packed = PackedTokens(token_stream(builder, split, text_key, tokenizer, cache_dir), seq_len)
         if len(packed) == 0:
             raise ValueError(
-                f"split {split!r} of {name!r} has fewer than seq_len + 1 = {seq_len + 1} tokens"
+                f"split {split!r} of {name!r} has fewer than seq_len + 1 = {seq_len + 1} tokens of "
+                f"tokenizer {tokenizer.spec!r}"
             )
         rows = grain.MapDataset.source(packed)
         make_row = _text_row
@@ -324,7 +471,9 @@ def create_iterator(
     # Batch k of `chunks` is rows [k * batch_size, (k + 1) * batch_size): global batch k // process_count,
     # rows of process k % process_count.
     chunks = rows.map(make_row).batch(batch_size, drop_remainder=True)
-    fingerprint = _Fingerprint(name, split, seq_len, global_batch_size, seed, shuffle, num_epochs, text_key)
+    fingerprint = _Fingerprint(
+        name, split, seq_len, global_batch_size, seed, shuffle, num_epochs, text_key, tokenizer.name
+    )
     return DataIterator(chunks[process_index::process_count], fingerprint)
 
 
