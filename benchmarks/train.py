@@ -81,7 +81,10 @@ class _Runner:
             iterator = data_lib.create_iterator(self.config.dataset, split="train",
                                                 seq_len=self.config.seq_len,
                                                 batch_size=self.config.batch_size,
-                                                seed=self.config.seed)
+                                                seed=self.config.seed,
+                                                data_dir=self.config.data_dir,
+                                                text_key=self.config.text_key,
+                                                tokenizer=self.setup.tokenizer)
             self.batches = [parallel.shard_batch(next(iterator), self.mesh)
                             for _ in range(num_batches)]
             self.step = jit_train_step(self.setup)

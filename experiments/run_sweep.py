@@ -160,7 +160,7 @@ def balance_statistics(config, workdir: str) -> dict:
         @jax.jit
         def routing_metrics(params, rest, rng_state, inputs, key):
             model = nnx.merge(setup.graphdef, params, rng_state, rest)
-            _, aux = model(inputs, rngs=key)
+            _, aux = model(inputs, token_mask=inputs != setup.tokenizer.pad_id, rngs=key)
             out = {"tokens_per_expert": aux.metrics["tokens_per_expert"]}
             for name in ("importance", "load"):
                 if name in aux.metrics:
@@ -169,7 +169,8 @@ def balance_statistics(config, workdir: str) -> dict:
 
         batches = data_lib.create_iterator(config.dataset, split="validation", seed=config.seed,
                                            shuffle=False, seq_len=config.seq_len,
-                                           batch_size=config.batch_size)
+                                           batch_size=config.batch_size, data_dir=config.data_dir,
+                                           text_key=config.text_key, tokenizer=setup.tokenizer)
         per_batch: dict[str, list[float]] = {}
         for i in range(BALANCE_BATCHES):
             try:

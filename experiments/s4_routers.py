@@ -24,7 +24,6 @@ training loss and the comparison would be unfair.
 """
 
 from experiments import common
-from moejax.data.tokenizer import VOCAB_SIZE
 
 SECTION = "S4"
 TITLE = "Router zoo at equal active parameters"
@@ -63,9 +62,8 @@ def get_config(arg=None):
     if variant == "dense":
         return config
     if variant in ("hash", "switch"):
+        # hash: the table (moe.hash_vocab_size = 0) covers the model's vocabulary, whatever the tokenizer.
         moe.update(router=variant, experts_per_token=1, d_ff=2 * f)
-        if variant == "hash":
-            moe["hash_vocab_size"] = VOCAB_SIZE
     elif variant == "deepseek_v3":
         moe.update(router="deepseek_v3", num_experts=16, d_ff=f // 2, num_shared_experts=1,
                    shared_d_ff=f, sequence_balance_weight=1e-4)

@@ -46,7 +46,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        trainer.run(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value.to_dict()  # a file that failed to load raises here
+    except OSError as error:  # the file was missing or failed to load: its last line says why
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        sys.exit(f"error: cannot load --config: {lines[-1] if lines else error}")
+    try:
+        trainer.run(config, _WORKDIR.value)
     except (ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,8 @@ Subprocess runs share a persistent compilation cache, so only the first one comp
 import contextlib
 import fcntl
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -39,8 +41,9 @@ pytestmark = pytest.mark.dtype_promotion("standard")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_config(**overrides) -> ml_collections.ConfigDict:
-    config = smoke.get_config()
+def smoke_config(arg=None, **overrides) -> ml_collections.ConfigDict:
+    """``experiments/smoke.py`` (``arg="moe=False"``: its dense model) with ``overrides``."""
+    config = smoke.get_config(arg)
     config.update(overrides)
     return config
 
@@ -253,8 +256,9 @@ def test_a_gs_workdir_trains_like_a_local_one_and_resumes_from_the_bucket(smoke_
         assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
         # Resuming reads the checkpoint, metrics and events back from the bucket.
         trainer.run(smoke_config(num_train_steps=9), "gs://bucket/run")
-        trainer.run(smoke_config(num_train_steps=9, init_from="gs://bucket/run"),
-                  str(tmp_path / "tuned"))
+        # One step suffices: only its step-0 evaluation is read.
+        trainer.run(smoke_config(num_train_steps=1, init_from="gs://bucket/run"),
+                    str(tmp_path / "tuned"))
 
     local = read_metrics(smoke_workdir)
     assert [row["step"] for row in first] == [row["step"] for row in local]
@@ -399,6 +403,41 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt"]
 
 
+# ---------------------------------------------------------------------- tokenizers
+
+
+def test_a_sentencepiece_run_sizes_the_model_to_its_vocabulary_and_resumes(tmp_path):
+    from moejax import data
+    from moejax.data import train_tokenizer
+
+    data_dir = str(tmp_path / "tfds")
+    model_path = tmp_path / "sp.model"
+    model_path.write_bytes(train_tokenizer.train_sentencepiece(
+        train_tokenizer.dataset_texts("stdlib_text/small", data_dir=data_dir), vocab_size=400,
+        num_threads=1))
+    spec = f"sentencepiece:{model_path}"
+    tokenizer = data.get_tokenizer(spec)
+    assert tokenizer.vocab_size == 512  # 400 pieces, padded: not the byte vocabulary's 384
+    config = smoke_config("moe=False", dataset="stdlib_text/small", data_dir=data_dir,
+                          tokenizer=spec, num_train_steps=3, checkpoint_every_steps=2,
+                          eval_every_steps=3)
+    # One dense layer: compiles fast.
+    config.model.num_layers = 1
+    workdir = tmp_path / "run"
+    summary = trainer.run(config, str(workdir))
+    assert summary["step"] == 3 and np.isfinite(summary["train_loss"])
+    assert np.isfinite(summary["eval_loss"])
+    saved = restore_raw(str(workdir), 3)
+    assert saved["embed"].shape == (512, 32) and saved["lm_head"].shape == (32, 512)
+    # The data went through the tokenizer: its token streams are cached under the data_dir.
+    assert any(tokenizer.name in entry for entry in os.listdir(data.default_cache_dir(data_dir)))
+    # Resuming from step 2 trains step 3 again, bit for bit.
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    resumed = trainer.run(config, str(workdir))
+    assert resumed["step"] == 3 and resumed["train_loss"] == summary["train_loss"]
+    jax.tree.map(np.testing.assert_array_equal, restore_raw(str(workdir), 3), saved)
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -423,17 +462,22 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
     (dict(optimizer=dict(warmup_steps=2.5)), "config.optimizer.warmup_steps must be an int >= 0"),
     (dict(router_bias_update_rate=-1.0), "config.router_bias_update_rate must be"),
     (dict(skip_nonfinite_steps=-1), "config.skip_nonfinite_steps must be an int >= 0"),
-    (dict(tokenizer=""), "config.tokenizer must be a non-empty string"),
-    (dict(tokenizer="sentencepiece:/x.model"), "config.tokenizer = 'sentencepiece:/x.model' is not "
-                                               "supported"),
+    (dict(tokenizer=""), "config.tokenizer must be 'byte', 'sentencepiece:<path to .model>' or "
+                         "'hf:<path to tokenizer.json>', got ''"),
+    (dict(tokenizer="sentencepiece:"), "config.tokenizer must be 'byte', 'sentencepiece:"),
+    (dict(tokenizer="sentencepiece:/no/such.model"), "config.tokenizer = 'sentencepiece:/no/such."
+                                                      "model': tokenizer file '/no/such.model'"),
     (dict(vocab_size=300), "config.vocab_size must be None or a positive multiple of 128"),
-    (dict(vocab_size=256), "config.vocab_size = 256 is smaller than the 'byte' tokenizer's"),
+    (dict(vocab_size=256), "config.vocab_size = 256 is smaller than the vocabulary of tokenizer "
+                           "'byte' (384 ids"),
+    (dict(moe=dict(router="hash", experts_per_token=1, hash_vocab_size=100)),
+     "config.moe.hash_vocab_size = 100 is smaller than the model's vocab_size 384"),
 ])
 def test_bad_config_raises_a_clear_error(overrides, message, tmp_path):
     config = smoke_config().to_dict()  # a plain dict: the trainer itself must catch the key
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         trainer.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
 

@@ -46,3 +46,30 @@ def test_a_traced_group_offset_out_of_range_is_clamped_alike_on_every_backend(of
     for backend in ("cpu", "reference"):
         np.testing.assert_allclose(run(backend, offset), want, rtol=1e-5, atol=1e-5,
                                    err_msg=backend)
+
+
+@pytest.mark.parametrize("router, dispatch", [
+    ("mixtral", "dropless"), ("mixtral", "capacity"), ("switch", "capacity"),
+    ("deepseek_v3", "dropless"), ("expert_choice", "capacity"), ("hash", "dropless"),
+])
+def test_a_batch_without_tokens_gives_an_empty_output_and_zero_finite_aux(router, dispatch):
+    from flax import nnx
+
+    from moejax import MoE
+
+    top1 = router in ("switch", "hash")
+    config = MoEConfig(d_model=8, d_ff=8, num_experts=4, experts_per_token=1 if top1 else 2,
+                       router=router, dispatch=dispatch, hash_vocab_size=16 if router == "hash" else 0,
+                       load_balancing_weight=0.01, z_loss_weight=1e-3)
+    layer = MoE(config, rngs=nnx.Rngs(0))
+    x = jnp.zeros((2, 0, 8), jnp.float32)
+    ids = jnp.zeros((2, 0), jnp.int32) if router == "hash" else None
+    y, aux = layer(x, token_ids=ids)
+    assert y.shape == (2, 0, 8) and y.dtype == jnp.float32
+    assert float(aux.total_loss) == 0.0
+    for name, value in aux.metrics.items():
+        value = np.asarray(value, np.float64)
+        assert np.all(np.isfinite(value)) and not np.any(value), name
+    # Under jit and grad as in training: the gradient is zero, not NaN.
+    grads = nnx.grad(lambda m: m(x, token_ids=ids)[1].total_loss)(layer)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))

@@ -7,7 +7,8 @@ defaults, checks every key and value, and returns the result locked. ``model`` a
 :class:`TransformerConfig` / :class:`MoEConfig` fields (``model_fields()`` / ``moe_fields()`` give all of
 them at their defaults), which those dataclasses validate; ``make_model_config`` builds them.
 
-The tokenizer and its vocabulary come from one place, :func:`get_tokenizer`.
+The tokenizer comes from one place, :func:`get_tokenizer` (``setup`` builds it once); the model's
+vocabulary is ``config.vocab_size`` or, by default, the tokenizer's.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.data import tokenizer as byte_tokenizer
+from moejax import data as data_lib
 from moejax.layers.config import MoEConfig
 from moejax.models.transformer import TransformerConfig
 
 FREEZE_OPTIONS = ("none", "router", "experts", "non_expert")
+TOKENIZER_SCHEMES = ("sentencepiece:", "hf:")
 
 
 class Spec(NamedTuple):
@@ -101,9 +102,12 @@ SCHEMA: dict[str, Any] = dict(
     eval_split=text("validation"),
     data_dir=optional_text(),
     text_key=text("text"),
-    # "byte" (moejax.data.tokenizer); other tokenizers come later, each named here.
-    tokenizer=text("byte"),
-    # None: the tokenizer's own vocabulary; else a multiple of 128 at least as large.
+    # "byte", "sentencepiece:<path to .model>" or "hf:<path to tokenizer.json>" (moejax.data.get_tokenizer).
+    tokenizer=Spec("byte", lambda v: isinstance(v, str) and (
+        v == "byte" or any(v.startswith(p) and len(v) > len(p) for p in TOKENIZER_SCHEMES)),
+        "'byte', 'sentencepiece:<path to .model>' or 'hf:<path to tokenizer.json>'"),
+    # The model's vocabulary. None: the tokenizer's own (padded to a multiple of 128); else a
+    # multiple of 128 at least as large as that.
     vocab_size=Spec(None, lambda v: v is None or (_is_int(v) and v >= 1 and v % 128 == 0),
                     "None or a positive multiple of 128"),
     seq_len=positive_int(128),
@@ -233,29 +237,34 @@ def _check_relations(config) -> None:
         raise ValueError(f"config.freeze = {config['freeze']!r} needs an MoE model "
                          "(config.moe is None)")
     if config["instruct_eval"] is not None and config["instruct_eval"]["families"] is not None:
-        from moejax.data import instruct_synth
-
+        families = data_lib.instruct_synth.FAMILIES
         for family in config["instruct_eval"]["families"]:
-            if family not in instruct_synth.FAMILIES:
+            if family not in families:
                 raise ValueError(f"config.instruct_eval.families: unknown family {family!r}; "
-                                 f"expected names from {list(instruct_synth.FAMILIES)}")
-    get_tokenizer(config)  # the tokenizer exists and vocab_size fits it
+                                 f"expected names from {list(families)}")
+    if config["tokenizer"] == "byte":  # a file tokenizer is checked when setup loads it
+        get_tokenizer(config)
 
 
-def get_tokenizer(config) -> types.SimpleNamespace:
-    """The tokenizer ``config.tokenizer`` names: ``encode``, ``decode``, the special ids and
-    ``vocab_size`` (``config.vocab_size`` if set). The one place the trainer obtains it."""
-    name = config["tokenizer"]
-    if name != "byte":
-        raise ValueError(f"config.tokenizer = {name!r} is not supported; the trainer knows 'byte'")
+def get_tokenizer(config) -> data_lib.Tokenizer:
+    """The tokenizer ``config.tokenizer`` names (loaded from its file), checked against
+    ``config.vocab_size``. The one place the trainer obtains it: :func:`moejax.trainer.setup` calls
+    it once and keeps the result in ``TrainSetup.tokenizer``."""
+    try:
+        tokenizer = data_lib.get_tokenizer(config["tokenizer"])
+    except (OSError, ValueError) as error:
+        raise ValueError(f"config.tokenizer = {config['tokenizer']!r}: {error}") from error
     vocab_size = config["vocab_size"]
-    if vocab_size is not None and vocab_size < byte_tokenizer.VOCAB_SIZE:
-        raise ValueError(f"config.vocab_size = {vocab_size} is smaller than the {name!r} "
-                         f"tokenizer's vocabulary of {byte_tokenizer.VOCAB_SIZE}")
-    return types.SimpleNamespace(
-        name=name, encode=byte_tokenizer.encode, decode=byte_tokenizer.decode,
-        pad_id=byte_tokenizer.PAD_ID, bos_id=byte_tokenizer.BOS_ID, eos_id=byte_tokenizer.EOS_ID,
-        vocab_size=vocab_size or byte_tokenizer.VOCAB_SIZE)
+    if vocab_size is not None and vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"config.vocab_size = {vocab_size} is smaller than the vocabulary of "
+                         f"tokenizer {config['tokenizer']!r} ({tokenizer.vocab_size} ids, padded "
+                         "to a multiple of 128); use None or a larger multiple of 128")
+    return tokenizer
+
+
+def model_vocab_size(config, tokenizer: data_lib.Tokenizer) -> int:
+    """The model's vocabulary: ``config.vocab_size`` if set, else ``tokenizer.vocab_size``."""
+    return config["vocab_size"] or tokenizer.vocab_size
 
 
 def _dtype(name):
@@ -265,15 +274,30 @@ def _dtype(name):
         raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32' or 'bfloat16')") from error
 
 
-def make_model_config(config) -> TransformerConfig:
-    """The :class:`TransformerConfig` (with its :class:`MoEConfig`) that a completed ``config`` describes."""
+def make_model_config(config, tokenizer: data_lib.Tokenizer | None = None) -> TransformerConfig:
+    """The :class:`TransformerConfig` (with its :class:`MoEConfig`) that a completed ``config`` describes.
+
+    ``tokenizer``: ``get_tokenizer(config)``, built here when not given.
+    """
+    if tokenizer is None:
+        tokenizer = get_tokenizer(config)
     model = dict(config.model)
     for key in ("dtype", "param_dtype"):
         if key in model:
             model[key] = _dtype(model[key])
+    vocab_size = model_vocab_size(config, tokenizer)
     moe = None
     if config.moe is not None:
+        moe_fields = dict(config.moe)
+        # A hash router's table covers the token ids: by default the model's whole vocabulary.
+        if moe_fields.get("router") == "hash":
+            table = moe_fields.get("hash_vocab_size") or vocab_size
+            if table < vocab_size:
+                raise ValueError(f"config.moe.hash_vocab_size = {table} is smaller than the model's "
+                                 f"vocab_size {vocab_size}: token ids past it would have no "
+                                 "expert; use 0 (the model's vocabulary) or a larger value")
+            moe_fields["hash_vocab_size"] = table
         moe = MoEConfig(d_model=model["d_model"], dtype=model.get("dtype", jnp.float32),
-                        param_dtype=model.get("param_dtype", jnp.float32), **dict(config.moe))
-    return TransformerConfig(vocab_size=get_tokenizer(config).vocab_size, max_len=config.seq_len,
+                        param_dtype=model.get("param_dtype", jnp.float32), **moe_fields)
+    return TransformerConfig(vocab_size=vocab_size, max_len=config.seq_len,
                              moe=moe, **model)

@@ -19,7 +19,6 @@ from moejax import data as data_lib
 from moejax import parallel
 from moejax.data import instruct_synth
 from moejax.models.generate import greedy_generate
-from moejax.trainer.config import get_tokenizer
 from moejax.trainer.state import TrainSetup
 from moejax.trainer.step import jit_eval_step
 
@@ -31,7 +30,7 @@ class Evaluator:
         self.setup, self.config = setup, setup.config
         self.eval_iter, self.start = eval_iter, eval_iter.get_state()
         self.step = jit_eval_step(setup)
-        self.tokenizer = get_tokenizer(setup.config)
+        self.tokenizer = setup.tokenizer
 
     def __call__(self, state) -> dict[str, Any]:
         result = self.language_model(state)
@@ -83,11 +82,14 @@ class Evaluator:
         config, ie = self.config, self.config.instruct_eval
         local = config.batch_size // jax.process_count()
         first = jax.process_index() * local
-        blank = {key: np.zeros_like(value) for key, value in
-                 data_lib.instruct_row("", "", config.seq_len).items()}
+        pad = self.tokenizer.pad_id  # filler rows: all padding, weight 0
+        blank = {"inputs": np.full(config.seq_len, pad, np.int32),
+                 "targets": np.full(config.seq_len, pad, np.int32),
+                 "weights": np.zeros(config.seq_len, np.float32)}
         out = {}
         for family in self.families():
-            rows = [data_lib.instruct_row(prompt, answer, config.seq_len) for prompt, answer
+            rows = [data_lib.instruct_row(prompt, answer, config.seq_len, self.tokenizer)
+                    for prompt, answer
                     in instruct_synth.make_examples(family, ie.num_examples, ie.seed)]
             ce_sum = weight_sum = 0.0
             for start in range(0, len(rows), config.batch_size):

@@ -45,7 +45,7 @@ from moejax import parallel, paths
 from moejax.models.transformer import TransformerConfig
 from moejax.trainer import workdir as workdir_lib
 from moejax.trainer.checkpoint import Checkpointer, restore_params
-from moejax.trainer.config import complete_config
+from moejax.trainer.config import complete_config, get_tokenizer
 from moejax.trainer.evaluate import Evaluator
 from moejax.trainer.metrics_writer import MetricsWriter
 from moejax.trainer.plots import plot_run
@@ -60,6 +60,7 @@ DIVERGENCE_EVALS = 2
 def run(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) per ``config`` in ``workdir``; returns a summary of the final metrics."""
     config = complete_config(config)
+    tokenizer = get_tokenizer(config)  # a missing or too large tokenizer fails before any write
     workdir_lib.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     console = Console(quiet=not is_main, soft_wrap=True)
@@ -69,7 +70,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         checkpoint_dir = workdir / "checkpoints"
         resuming = checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir())
         workdir_lib.check_config_unchanged(workdir, config, resuming=resuming)
-        s = setup(config)
+        s = setup(config, tokenizer=tokenizer)
         with parallel.use_mesh(s.mesh, s.rules):
             return _train(s, workdir, console, is_main)
 
@@ -78,7 +79,8 @@ def _train(s: TrainSetup, workdir: epath.Path, console: Console, is_main: bool) 
     config, mesh, rules = s.config, s.mesh, s.rules
     data_kwargs = dict(seq_len=config.seq_len, batch_size=config.batch_size // jax.process_count(),
                        data_dir=config.data_dir, process_index=jax.process_index(),
-                       process_count=jax.process_count(), text_key=config.text_key)
+                       process_count=jax.process_count(), text_key=config.text_key,
+                       tokenizer=s.tokenizer)
     train_iter = data_lib.create_iterator(config.dataset, split=config.train_split,
                                           seed=config.seed, **data_kwargs)
     evaluate = Evaluator(s, data_lib.create_iterator(

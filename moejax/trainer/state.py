@@ -16,9 +16,10 @@ import ml_collections
 import optax
 from flax import nnx
 
+from moejax import data as data_lib
 from moejax import parallel
 from moejax.models.transformer import Transformer, TransformerConfig
-from moejax.trainer.config import complete_config, make_model_config
+from moejax.trainer.config import complete_config, get_tokenizer, make_model_config
 
 
 class TrainSetup(NamedTuple):
@@ -31,6 +32,7 @@ class TrainSetup(NamedTuple):
     """
 
     config: ml_collections.ConfigDict
+    tokenizer: data_lib.Tokenizer
     model_config: TransformerConfig
     mesh: jax.sharding.Mesh
     rules: tuple | None
@@ -43,15 +45,19 @@ class TrainSetup(NamedTuple):
     num_params: int
 
 
-def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> TrainSetup:
+def setup(config, *, mesh: jax.sharding.Mesh | None = None,
+          tokenizer: data_lib.Tokenizer | None = None) -> TrainSetup:
     """Completes ``config`` and builds the sharded model and optimizer state it describes.
 
-    ``mesh`` defaults to ``config.mesh`` over all devices. Call it inside
+    ``mesh`` defaults to ``config.mesh`` over all devices; ``tokenizer`` to
+    ``get_tokenizer(config)`` (the model's vocabulary is ``config.vocab_size`` or the tokenizer's). Call it inside
     ``parallel.use_mesh(setup.mesh, setup.rules)`` when the model's code needs the mesh later
     (the trainer does); the state itself is already on its shards.
     """
     config = complete_config(config)
-    model_config = make_model_config(config)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(config)
+    model_config = make_model_config(config, tokenizer)
     if mesh is None:
         mesh = parallel.make_mesh(**dict(config.mesh))
     rules = tuple(tuple(rule) for rule in config.sharding_rules) if config.sharding_rules else None
@@ -72,7 +78,7 @@ def setup(config, *, mesh: jax.sharding.Mesh | None = None) -> TrainSetup:
                  "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
                  "nonfinite_steps": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    return TrainSetup(config, model_config, mesh, rules, graphdef, eval_graphdef, state, rng_state,
+    return TrainSetup(config, tokenizer, model_config, mesh, rules, graphdef, eval_graphdef, state, rng_state,
                       tx, schedule, num_params)
 
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moejax.trainer.config import get_tokenizer
 from moejax.trainer.state import TrainSetup
 
 
@@ -92,7 +91,7 @@ def jit_train_step(setup: TrainSetup, *, donate: bool = True):
     shardings = jax.tree.map(lambda x: x.sharding, setup.state)
     step = functools.partial(
         train_step, graphdef=setup.graphdef, tx=setup.tx, schedule=setup.schedule,
-        base_key=jax.random.key(config.seed + 2), pad_id=get_tokenizer(config).pad_id,
+        base_key=jax.random.key(config.seed + 2), pad_id=setup.tokenizer.pad_id,
         router_bias_rate=config.router_bias_update_rate if uses_bias else 0.0)
     return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=(shardings, None))
 
@@ -100,4 +99,4 @@ def jit_train_step(setup: TrainSetup, *, donate: bool = True):
 def jit_eval_step(setup: TrainSetup):
     """``eval_step`` bound to ``setup`` and jitted: ``(params, rest, rng_state, batch) -> sums``."""
     return jax.jit(functools.partial(eval_step, graphdef=setup.eval_graphdef,
-                                     pad_id=get_tokenizer(setup.config).pad_id))
+                                     pad_id=setup.tokenizer.pad_id))
