@@ -6,7 +6,7 @@
 The dense baseline is ``default.py:moe=False``: every FFN is as wide as the MoE layer's active
 experts (k x expert width), so both models do the same matmul FLOPs per token (the router's
 ``d_model x E`` product aside). Each model runs the trainer's own jitted, donated update step
-(``moejax.train.make_train_step``) on real ``stdlib_text`` batches, fetched before timing.
+(``moejax.trainer.step.jit_train_step``) on real ``stdlib_text`` batches, fetched before timing.
 
 Model FLOPs per token = 6 x (active matmul parameters: every weight a token multiplies, the k chosen
 experts only, the output projection included, the input embedding excluded) + 12 x layers x d_model
@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -31,13 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import data as data_lib
-from moejax import parallel, train
+from moejax import parallel, trainer
 from moejax.models import count_params
+from moejax.trainer.step import jit_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_config(path: str, arg: str | None):
+    # Experiment configs import their package (experiments.common) from the repository root.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
     spec = importlib.util.spec_from_file_location("experiment_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -69,19 +73,21 @@ class _Runner:
     """One model's jitted update step, state and pre-fetched batches."""
 
     def __init__(self, config, *, num_batches: int):
-        config = train.complete_config(config)
-        self.config = config
-        self.model_config = train.make_model_config(config)
-        self.mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+        self.setup = trainer.setup(config, mesh=parallel.make_mesh(data=1,
+                                                                   devices=jax.devices()[:1]))
+        self.config, self.model_config, self.mesh = (self.setup.config, self.setup.model_config,
+                                                     self.setup.mesh)
         with parallel.use_mesh(self.mesh):
-            iterator = data_lib.create_iterator(config.dataset, split="train",
-                                                seq_len=config.seq_len,
-                                                batch_size=config.batch_size, seed=config.seed)
+            iterator = data_lib.create_iterator(self.config.dataset, split="train",
+                                                seq_len=self.config.seq_len,
+                                                batch_size=self.config.batch_size,
+                                                seed=self.config.seed,
+                                                data_dir=self.config.data_dir,
+                                                text_key=self.config.text_key,
+                                                tokenizer=self.setup.tokenizer)
             self.batches = [parallel.shard_batch(next(iterator), self.mesh)
                             for _ in range(num_batches)]
-            self.setup = train.create_train_state(config, self.model_config, self.mesh)
-            self.step = jax.jit(train.make_train_step(self.setup, jax.random.key(0)),
-                                donate_argnums=0)
+            self.step = jit_train_step(self.setup)
         self.state = self.setup.state
         self.next_batch = 0
         self.times: list[float] = []

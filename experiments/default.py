@@ -11,19 +11,12 @@ dropless dispatch), layers 0 and 2 dense. 1.7M parameters, 0.9M active per token
 in about five minutes on two CPU cores; on an accelerator raise ``batch_size`` and the model.
 """
 
-import ml_collections
+from experiments import common
 
 
 def get_config(arg=None):
-    args = dict(moe="True")
-    if arg:
-        args.update(part.split("=", 1) for part in arg.split(","))
-    unknown = set(args) - {"moe"}
-    if unknown:
-        raise ValueError(f"default.py: unknown config argument(s) {sorted(unknown)}; known: moe")
-    use_moe = args["moe"].lower() in ("1", "true", "yes")
-
-    config = ml_collections.ConfigDict()
+    args = common.parse_arg(arg, dict(moe="True"), "default.py")
+    config = common.base()
     config.dataset = "stdlib_text"
     config.data_dir = None
     config.seq_len = 128
@@ -31,15 +24,16 @@ def get_config(arg=None):
     config.num_train_steps = 600
     config.seed = 0
 
-    config.model = dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, moe_every=2,
-                        dtype="float32", param_dtype="float32", remat=False, scan_layers=False)
-    config.moe = dict(num_experts=8, experts_per_token=2, d_ff=256, router="mixtral",
-                      dispatch="dropless", expert="mlp", activation="gelu",
-                      load_balancing_weight=0.01, z_loss_weight=1e-3) if use_moe else None
+    config.model = common.model(d_model=128, num_layers=4, num_heads=4, d_ff=512, moe_every=2,
+                                dtype="float32", param_dtype="float32", remat=False,
+                                scan_layers=False)
+    if common.truthy(args["moe"]):
+        config.moe = common.moe(num_experts=8, experts_per_token=2, d_ff=256, router="mixtral",
+                                dispatch="dropless", expert="mlp", activation="gelu",
+                                load_balancing_weight=0.01, z_loss_weight=1e-3)
 
-    config.optimizer = dict(learning_rate=3e-3, warmup_steps=60, end_learning_rate_ratio=0.1,
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=60, end_learning_rate_ratio=0.1,
                             weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0)
-    config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
 
     config.log_every_steps = 10
     config.eval_every_steps = 150

@@ -11,28 +11,12 @@ reports exact-match accuracy of greedy answers on the held-out task families (``
 ``reverse_words``) and on three trained neighbours (``max``, ``add``, ``reverse``).
 """
 
-import importlib.util
-import os
-
-
-def _pretraining_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("moejax_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from experiments import common, default
 
 
 def get_config(arg=None):
-    args = dict(freeze="none", init_from="runs/default")
-    if arg:
-        args.update(part.split("=", 1) for part in arg.split(","))
-    unknown = set(args) - {"freeze", "init_from"}
-    if unknown:
-        raise ValueError(f"instruct.py: unknown config argument(s) {sorted(unknown)}; "
-                         "known: freeze, init_from")
-
-    config = _pretraining_config()  # same model, so the checkpoint fits
+    args = common.parse_arg(arg, dict(freeze="none", init_from="runs/default"), "instruct.py")
+    config = default.get_config()  # same model, so the checkpoint fits
     config.dataset = "instruct_synth"
     config.seq_len = 128  # the longest instruction example is 128 tokens
     config.batch_size = 16

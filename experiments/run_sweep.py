@@ -3,7 +3,7 @@
   python experiments/run_sweep.py s1_balancing [--size=small] [--only=REGEX]
 
 ``s1_balancing`` names ``experiments/s1_balancing.py`` (its ``sweep(size)`` lists the runs). Each run
-trains with ``moejax.train.run`` in ``runs/sweeps/<sweep>-<size>/<run>/`` and its numbers go to
+trains with ``moejax.trainer.run`` in ``runs/sweeps/<sweep>-<size>/<run>/`` and its numbers go to
 ``experiments/results/<sweep>/runs/<run>.json`` (``<sweep>-<size>`` for sizes other than ``small``);
 a run whose JSON exists is skipped, so an interrupted sweep resumes. Then the runs of one setting
 (several seeds) are pooled, mean and standard deviation, into ``results.json``, ``table.md`` and
@@ -25,27 +25,31 @@ checkpoint (see :func:`balance_statistics`). A run that diverges (non-finite los
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
 import os
 import re
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import matplotlib
-import numpy as np
-from flax import nnx
+if not __package__:  # run as a script: the sweep configs import the experiments package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moejax import data as data_lib  # noqa: E402
-from moejax import parallel, train  # noqa: E402
-from moejax.checkpoint import restore_params  # noqa: E402
+from moejax import parallel, trainer  # noqa: E402
 from moejax.data import instruct_synth  # noqa: E402
-from moejax.metrics_writer import read_metrics  # noqa: E402
+from moejax.trainer.checkpoint import restore_params  # noqa: E402
+from moejax.trainer.metrics_writer import read_metrics  # noqa: E402
 
 EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(EXPERIMENTS_DIR)
@@ -59,10 +63,7 @@ def load_sweep(name: str):
         available = sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
                            if re.fullmatch(r"s\d_\w+\.py", f))
         raise ValueError(f"sweep {name!r} not found; available: {', '.join(available)}")
-    spec = importlib.util.spec_from_file_location(f"moejax_sweep_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"experiments.{name}")
 
 
 # ---------------------------------------------------------------------- one run
@@ -77,7 +78,7 @@ def execute(sweep, run, workdir: str, workdirs: dict[str, str]) -> dict:
     start = time.perf_counter()
     diverged = False
     try:
-        summary = train.run(config, workdir)
+        summary = trainer.run(config, workdir)
     except FloatingPointError:
         diverged, summary = True, {}
     wall_s = time.perf_counter() - start
@@ -145,12 +146,9 @@ def balance_statistics(config, workdir: str) -> dict:
     Per validation batch and MoE layer: CV(Importance(X)) and CV(Load(X)) (eq. 6 and 10; noisy
     routers only) and max/mean of the tokens each expert receives; averaged over batches and layers.
     """
-    # The trainer's defaults fill what the sweep config leaves out (eps, init_from, ...).
-    config = train.complete_config(config)
-    model_config = train.make_model_config(config)
-    mesh = parallel.make_mesh(**dict(config.mesh))
-    with parallel.use_mesh(mesh):
-        setup = train.create_train_state(config, model_config, mesh)
+    setup = trainer.setup(config)
+    config, mesh = setup.config, setup.mesh
+    with parallel.use_mesh(mesh, setup.rules):
         params = setup.state["params"]
         # Checkpoints hold plain arrays, not nnx Variables: restore a pure dict, then fill the State.
         abstract = jax.tree.map(
@@ -162,7 +160,7 @@ def balance_statistics(config, workdir: str) -> dict:
         @jax.jit
         def routing_metrics(params, rest, rng_state, inputs, key):
             model = nnx.merge(setup.graphdef, params, rng_state, rest)
-            _, aux = model(inputs, rngs=key)
+            _, aux = model(inputs, token_mask=inputs != setup.tokenizer.pad_id, rngs=key)
             out = {"tokens_per_expert": aux.metrics["tokens_per_expert"]}
             for name in ("importance", "load"):
                 if name in aux.metrics:
@@ -171,11 +169,12 @@ def balance_statistics(config, workdir: str) -> dict:
 
         batches = data_lib.create_iterator(config.dataset, split="validation", seed=config.seed,
                                            shuffle=False, seq_len=config.seq_len,
-                                           batch_size=config.batch_size)
+                                           batch_size=config.batch_size, data_dir=config.data_dir,
+                                           text_key=config.text_key, tokenizer=setup.tokenizer)
         per_batch: dict[str, list[float]] = {}
         for i in range(BALANCE_BATCHES):
             try:
-                batch = parallel.shard_batch(next(batches), mesh)
+                batch = parallel.shard_batch(next(batches), mesh, setup.rules)
             except StopIteration:
                 break
             out = jax.device_get(routing_metrics(params, setup.state["rest"], setup.rng_state,

@@ -14,13 +14,7 @@ CV(Importance(X)), CV(Load(X)) and max/mean of the tokens per expert on validati
 gating noise on (the paper measures them on training batches).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "moejax_sweeplib", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeplib.py"))
-sweeplib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweeplib)
+from experiments import common
 
 SECTION = "S1"
 TITLE = "Balancing losses (Shazeer et al. 2017, Table 6)"
@@ -45,20 +39,20 @@ PAPER = """\
 
 
 def get_config(arg=None):
-    args = sweeplib.parse_args(arg, dict(size="small", seed="0", w_importance="0.1", w_load="0.1"),
-                               "s1_balancing.py")
+    args = common.parse_arg(arg, dict(size="small", seed="0", w_importance="0.1", w_load="0.1"),
+                            "s1_balancing.py")
     size = args["size"]
-    config = sweeplib.base_config(size, int(args["seed"]))
+    config = common.base_config(size, int(args["seed"]))
     full = size == "full"
-    config.moe = dict(num_experts=32 if full else 16, experts_per_token=4 if full else 2,
-                      d_ff=config.model.d_model, router="noisy_top_k", dispatch="dropless",
-                      gmm_backend=sweeplib.GMM_BACKEND,
-                      importance_weight=float(args["w_importance"]),
-                      load_weight=float(args["w_load"]))
+    config.moe = common.moe(num_experts=32 if full else 16, experts_per_token=4 if full else 2,
+                            d_ff=config.model.d_model, router="noisy_top_k", dispatch="dropless",
+                            gmm_backend=common.GMM_BACKEND,
+                            importance_weight=float(args["w_importance"]),
+                            load_weight=float(args["w_load"]))
     return config
 
 
 def sweep(size="small"):
-    return [sweeplib.Run(name=f"imp{wi:g}_load{wl:g}_seed{seed}", group=f"{wi:g}, {wl:g}",
-                         seed=seed, arg=f"size={size},seed={seed},w_importance={wi},w_load={wl}")
-            for wi, wl in GRID for seed in sweeplib.seeds_for(size, NUM_SEEDS)]
+    return [common.Run(name=f"imp{wi:g}_load{wl:g}_seed{seed}", group=f"{wi:g}, {wl:g}",
+                       seed=seed, arg=f"size={size},seed={seed},w_importance={wi},w_load={wl}")
+            for wi, wl in GRID for seed in common.seeds_for(size, NUM_SEEDS)]

@@ -13,13 +13,7 @@ every token: the paper's "MoE-4"), ``e8`` ... ``e64``, and ``e64_h`` (hierarchic
 8 groups of 8 experts, 2 groups per token, 2 experts in each).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "moejax_sweeplib", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeplib.py"))
-sweeplib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweeplib)
+from experiments import common
 
 SECTION = "S2"
 TITLE = "More experts at fixed compute (Shazeer et al. 2017, Table 7)"
@@ -40,22 +34,22 @@ perplexity 45.0 (MoE-4, all experts active) → 39.7 → 35.7 → 34.6 → 34.1 
 
 
 def get_config(arg=None):
-    args = sweeplib.parse_args(arg, dict(size="small", seed="0", variant="e16"),
-                               "s2_num_experts.py")
+    args = common.parse_arg(arg, dict(size="small", seed="0", variant="e16"),
+                            "s2_num_experts.py")
     variant, size = args["variant"], args["size"]
     if variant not in VARIANTS:
         raise ValueError(f"s2_num_experts.py: variant must be one of {VARIANTS}, got {variant!r}")
-    config = sweeplib.base_config(size, int(args["seed"]))
+    config = common.base_config(size, int(args["seed"]))
     num_experts = int(variant[1:].split("_")[0])
-    config.moe = dict(num_experts=num_experts, experts_per_token=EXPERTS_PER_TOKEN,
-                      d_ff=config.model.d_model, router="noisy_top_k", dispatch="dropless",
-                      gmm_backend=sweeplib.GMM_BACKEND, importance_weight=0.1, load_weight=0.1)
+    config.moe = common.moe(num_experts=num_experts, experts_per_token=EXPERTS_PER_TOKEN,
+                            d_ff=config.model.d_model, router="noisy_top_k", dispatch="dropless",
+                            gmm_backend=common.GMM_BACKEND, importance_weight=0.1, load_weight=0.1)
     if variant.endswith("_h"):
         config.moe.update(router="hierarchical_noisy_top_k", num_expert_groups=8, topk_groups=2)
     return config
 
 
 def sweep(size="small"):
-    return [sweeplib.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
-                         arg=f"size={size},seed={seed},variant={variant}")
-            for variant in VARIANTS for seed in sweeplib.seeds_for(size, NUM_SEEDS)]
+    return [common.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
+                       arg=f"size={size},seed={seed},variant={variant}")
+            for variant in VARIANTS for seed in common.seeds_for(size, NUM_SEEDS)]

@@ -13,13 +13,7 @@ Variants: ``dense`` (no MoE), ``cf1.0`` / ``cf1.5`` / ``cf2.0`` (capacity dispat
 capacity dropped: their FFN output is zero and only the residual passes) and ``dropless``.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "moejax_sweeplib", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeplib.py"))
-sweeplib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweeplib)
+from experiments import common
 
 SECTION = "S3"
 TITLE = "Dropless vs token dropping (MegaBlocks)"
@@ -40,25 +34,25 @@ A100 vs Tutel).
 
 
 def get_config(arg=None):
-    args = sweeplib.parse_args(arg, dict(size="small", seed="0", variant="dropless"),
-                               "s3_dropless.py")
+    args = common.parse_arg(arg, dict(size="small", seed="0", variant="dropless"),
+                            "s3_dropless.py")
     variant, size = args["variant"], args["size"]
     if variant not in VARIANTS:
         raise ValueError(f"s3_dropless.py: variant must be one of {VARIANTS}, got {variant!r}")
-    config = sweeplib.base_config(size, int(args["seed"]), moe_every=1)
+    config = common.base_config(size, int(args["seed"]), moe_every=1)
     if variant == "dense":
         return config
     capacity = variant.startswith("cf")
-    config.moe = dict(num_experts=64 if size == "full" else 16, experts_per_token=1,
-                      d_ff=config.model.d_ff, router="switch",
-                      dispatch="capacity" if capacity else "dropless",
-                      capacity_factor=float(variant[2:]) if capacity else 1.0,
-                      gmm_backend=sweeplib.GMM_BACKEND,
-                      load_balancing_weight=0.01, z_loss_weight=1e-3)
+    config.moe = common.moe(num_experts=64 if size == "full" else 16, experts_per_token=1,
+                            d_ff=config.model.d_ff, router="switch",
+                            dispatch="capacity" if capacity else "dropless",
+                            capacity_factor=float(variant[2:]) if capacity else 1.0,
+                            gmm_backend=common.GMM_BACKEND,
+                            load_balancing_weight=0.01, z_loss_weight=1e-3)
     return config
 
 
 def sweep(size="small"):
-    return [sweeplib.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
-                         arg=f"size={size},seed={seed},variant={variant}")
-            for variant in VARIANTS for seed in sweeplib.seeds_for(size, NUM_SEEDS)]
+    return [common.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
+                       arg=f"size={size},seed={seed},variant={variant}")
+            for variant in VARIANTS for seed in common.seeds_for(size, NUM_SEEDS)]

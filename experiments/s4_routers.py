@@ -23,15 +23,7 @@ routing depends on later tokens of its sequence — in a causal decoder that lea
 training loss and the comparison would be unfair.
 """
 
-import importlib.util
-import os
-
-from moejax.data.tokenizer import VOCAB_SIZE
-
-_spec = importlib.util.spec_from_file_location(
-    "moejax_sweeplib", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeplib.py"))
-sweeplib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweeplib)
+from experiments import common
 
 SECTION = "S4"
 TITLE = "Router zoo at equal active parameters"
@@ -58,21 +50,20 @@ instabilities without hurting quality.
 
 
 def get_config(arg=None):
-    args = sweeplib.parse_args(arg, dict(size="small", seed="0", variant="mixtral"),
-                               "s4_routers.py")
+    args = common.parse_arg(arg, dict(size="small", seed="0", variant="mixtral"),
+                            "s4_routers.py")
     variant, size = args["variant"], args["size"]
     if variant not in VARIANTS:
         raise ValueError(f"s4_routers.py: variant must be one of {VARIANTS}, got {variant!r}")
-    config = sweeplib.base_config(size, int(args["seed"]), d_ff_multiple=2, moe_every=1)
+    config = common.base_config(size, int(args["seed"]), d_ff_multiple=2, moe_every=1)
     f = config.model.d_model  # expert width; the dense FFN is 2f
     moe = dict(num_experts=8, experts_per_token=2, d_ff=f, dispatch="dropless",
-               gmm_backend=sweeplib.GMM_BACKEND, load_balancing_weight=0.01, z_loss_weight=1e-3)
+               gmm_backend=common.GMM_BACKEND, load_balancing_weight=0.01, z_loss_weight=1e-3)
     if variant == "dense":
         return config
     if variant in ("hash", "switch"):
+        # hash: the table (moe.hash_vocab_size = 0) covers the model's vocabulary, whatever the tokenizer.
         moe.update(router=variant, experts_per_token=1, d_ff=2 * f)
-        if variant == "hash":
-            moe["hash_vocab_size"] = VOCAB_SIZE
     elif variant == "deepseek_v3":
         moe.update(router="deepseek_v3", num_experts=16, d_ff=f // 2, num_shared_experts=1,
                    shared_d_ff=f, sequence_balance_weight=1e-4)
@@ -82,13 +73,13 @@ def get_config(arg=None):
         config.optimizer.learning_rate *= HIGH_LR_FACTOR
     else:
         moe["router"] = variant
-    config.moe = moe
+    config.moe = common.moe(**moe)
     return config
 
 
 def sweep(size="small"):
-    return [sweeplib.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
-                         arg=f"size={size},seed={seed},variant={variant}")
+    return [common.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
+                       arg=f"size={size},seed={seed},variant={variant}")
             for variant in VARIANTS
-            for seed in sweeplib.seeds_for(size, STABILITY_SEEDS if variant in STABILITY
+            for seed in common.seeds_for(size, STABILITY_SEEDS if variant in STABILITY
                                            else ZOO_SEEDS)]

@@ -26,13 +26,7 @@ answer-token loss (teacher forcing; continuous, so it separates models while exa
 zero) and exact match of greedy answers.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "moejax_sweeplib", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeplib.py"))
-sweeplib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweeplib)
+from experiments import common
 
 SECTION = "S5"
 TITLE = "Flan-MoE in small (instruction tuning, zero-shot on held-out task families)"
@@ -79,17 +73,17 @@ the experts and the auxiliary losses during instruction tuning (sec. 4).
 
 
 def get_config(arg=None):
-    args = sweeplib.parse_args(arg, dict(size="small", seed="0", variant="pre_moe", init_from=""),
-                               "s5_flan_moe.py")
+    args = common.parse_arg(arg, dict(size="small", seed="0", variant="pre_moe", init_from=""),
+                            "s5_flan_moe.py")
     variant, size = args["variant"], args["size"]
     if variant not in VARIANTS:
         raise ValueError(f"s5_flan_moe.py: variant must be one of {VARIANTS}, got {variant!r}")
-    config = sweeplib.base_config(size, int(args["seed"]), d_ff_multiple=2, moe_every=1)
+    config = common.base_config(size, int(args["seed"]), d_ff_multiple=2, moe_every=1)
     if "moe" in variant:
-        config.moe = dict(num_experts=8, experts_per_token=2, d_ff=config.model.d_model,
-                          router="mixtral", dispatch="dropless", gmm_backend=sweeplib.GMM_BACKEND,
-                          load_balancing_weight=0.0 if variant.endswith("no_aux") else 0.01,
-                          z_loss_weight=0.0 if variant.endswith("no_aux") else 1e-3)
+        config.moe = common.moe(num_experts=8, experts_per_token=2, d_ff=config.model.d_model,
+                                router="mixtral", dispatch="dropless", gmm_backend=common.GMM_BACKEND,
+                                load_balancing_weight=0.0 if variant.endswith("no_aux") else 0.01,
+                                z_loss_weight=0.0 if variant.endswith("no_aux") else 1e-3)
     if variant in PRETRAIN:
         return config
     if not args["init_from"]:
@@ -117,11 +111,11 @@ def source_of(variant: str) -> str:
 
 def sweep(size="small"):
     runs = []
-    for seed in sweeplib.seeds_for(size, NUM_SEEDS):
+    for seed in common.seeds_for(size, NUM_SEEDS):
         for variant in VARIANTS:
             arg = f"size={size},seed={seed},variant={variant}"
             if variant not in PRETRAIN:
                 arg += f",init_from={source_of(variant)}_seed{seed}"
-            runs.append(sweeplib.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
-                                     arg=arg))
+            runs.append(common.Run(name=f"{variant}_seed{seed}", group=variant, seed=seed,
+                                   arg=arg))
     return runs

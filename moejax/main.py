@@ -1,32 +1,42 @@
 """Command line entry point: ``python -m moejax.main --config=experiments/default.py --workdir=DIR``.
 
 Any config key can be set on the command line (``--config.num_train_steps=100``,
-``--config.moe.num_experts=16``, ``--config.moe.gmm_backend=reference``), also keys the config file
-leaves at their default; a key the trainer does not know is an error that names the closest one.
-All the work happens in :func:`moejax.train.run`; invalid settings end the program with a one-line
-message (exit code 2).
+``--config.moe.gmm_backend=reference``): experiment configs start from the trainer's full schema
+(:func:`moejax.trainer.default_config`), and the config is locked, so a key the trainer does not know
+is an error. All the work happens in :func:`moejax.trainer.run`; a missing or broken config file and
+invalid settings end the program with a one-line message (exit code 2).
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax import train
+from moejax import trainer
 
-# New keys are accepted here so that any MoEConfig / TransformerConfig field can be set from the
-# command line; train.run rejects keys it does not know (with the closest known one).
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
-                                          lock_config=False, accept_new_attributes=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_package_on_path(argv) -> None:
+    """Config files import their package (``experiments.common``): put its parent on ``sys.path``
+    so that ``--config=experiments/<name>.py`` works from any directory."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            directory = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0]))
+            if os.path.exists(os.path.join(directory, "__init__.py")):
+                sys.path.insert(0, os.path.dirname(directory))
+
+
 def _parse_flags(argv):
+    _config_package_on_path(argv)
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError, ValueError) as error:  # a --config.* override cannot apply
-        sys.exit(f"error: {error}")
+    except Exception as error:  # noqa: BLE001 - a missing/broken config file or a bad override
+        message = str(error).strip().splitlines()
+        sys.exit(f"error: {type(error).__name__}: {message[0] if message else error}")
 
 
 def main(argv):
@@ -36,8 +46,13 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        train.run(_CONFIG.value, _WORKDIR.value)
-    except ValueError as error:
+        config = _CONFIG.value.to_dict()  # a file that failed to load raises here
+    except OSError as error:  # the file was missing or failed to load: its last line says why
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        sys.exit(f"error: cannot load --config: {lines[-1] if lines else error}")
+    try:
+        trainer.run(config, _WORKDIR.value)
+    except (ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

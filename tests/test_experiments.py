@@ -4,16 +4,15 @@ import json
 import math
 import os
 import re
-import sys
 
 import pytest
 
-from moejax import train
+from experiments import run_sweep
+from moejax import trainer
+from moejax.trainer.config import complete_config, make_model_config
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
-sys.path.insert(0, EXPERIMENTS)
-import run_sweep  # noqa: E402
 
 # The trainer uses optax, which relies on implicit dtype promotion (float ** int32 step counts).
 pytestmark = pytest.mark.dtype_promotion("standard")
@@ -36,7 +35,7 @@ def test_every_run_of_a_sweep_builds_a_valid_model_config(name, size):
         config = sweep.get_config(run.arg)
         if size == "micro":
             assert config.num_train_steps == 2
-        train.make_model_config(train.complete_config(config))  # raises on a bad field
+        make_model_config(complete_config(config))  # raises on a bad field
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -109,7 +108,7 @@ def test_runner_trains_writes_json_table_plot_and_results_block_then_resumes(tmp
     assert "--size=micro" in text
 
     # A second call trains nothing: the run's JSON exists.
-    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained a finished run"))
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("trained a finished run"))
     run_sweep.run_sweep("s1_balancing", **kwargs)
 
 

@@ -63,17 +63,20 @@ def test_first_code_cell_installs_in_colab_and_reports_the_device(name):
 def test_training_notebook_trains_the_smoke_config():
     if importlib.util.find_spec("ml_collections") is None:
         pytest.skip("ml_collections is not installed")
-    spec = importlib.util.spec_from_file_location("smoke", REPO / "experiments" / "smoke.py")
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    from experiments import smoke
+    from moejax.trainer.config import complete_config
+    from moejax.trainer.workdir import flat_config
+
     [config_cell] = [c for c in _code_cells(_read("04_train_small_moe"))
                      if c.startswith("config = ml_collections.ConfigDict()")]
     namespace = {"ml_collections": __import__("ml_collections")}
     exec(config_cell.replace("print(config)", ""), namespace)
     schedule = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints")
-    expected = {k: v for k, v in smoke.get_config().to_dict().items() if k not in schedule}
-    got = {k: v for k, v in namespace["config"].to_dict().items() if k not in schedule}
+    expected = {k: v for k, v in flat_config(complete_config(smoke.get_config()).to_dict()).items()
+                if k not in schedule}
+    got = {k: v for k, v in flat_config(complete_config(namespace["config"]).to_dict()).items()
+           if k not in schedule}
     assert got == expected
 
 
@@ -82,8 +85,8 @@ def test_training_notebook_trains_the_smoke_config():
 def test_notebook_runs_top_to_bottom_on_cpu(name):
     import nbclient
 
-    if name == "04_train_small_moe" and importlib.util.find_spec("moejax.train") is None:
-        pytest.skip("moejax.train (the trainer the notebook runs) is not in this checkout")
+    if name == "04_train_small_moe" and importlib.util.find_spec("moejax.trainer") is None:
+        pytest.skip("moejax.trainer (the trainer the notebook runs) is not in this checkout")
     nb = _read(name)
     # Proves the kernel runs in this environment (the kernelspec's "python" could be another one).
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))

@@ -7,8 +7,9 @@ Subprocess runs share a persistent compilation cache, so only the first one comp
 
 import contextlib
 import fcntl
-import importlib.util
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -26,10 +27,13 @@ import scipy.special
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from moejax import train
-from moejax.checkpoint import Checkpointer
-from moejax.metrics_writer import read_metrics
+from experiments import smoke
+from moejax import trainer
 from moejax.models import Transformer
+from moejax.trainer.checkpoint import Checkpointer
+from moejax.trainer.config import complete_config, make_model_config
+from moejax.trainer.metrics_writer import read_metrics
+from moejax.trainer.state import make_optimizer, param_group
 
 # The trainer uses optax, which relies on implicit dtype promotion (float ** int32 step counts).
 pytestmark = pytest.mark.dtype_promotion("standard")
@@ -37,11 +41,9 @@ pytestmark = pytest.mark.dtype_promotion("standard")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_config(**overrides) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(REPO, "experiments", "smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+def smoke_config(arg=None, **overrides) -> ml_collections.ConfigDict:
+    """``experiments/smoke.py`` (``arg="moe=False"``: its dense model) with ``overrides``."""
+    config = smoke.get_config(arg)
     config.update(overrides)
     return config
 
@@ -68,7 +70,7 @@ def shared_run(tmp_path_factory, name, make_config):
     workdir = root / name
     with _locked(root / f"{name}.lock"):
         if not (root / f"{name}.done").exists():
-            train.run(make_config(), str(workdir))
+            trainer.run(make_config(), str(workdir))
             (root / f"{name}.done").write_text("ok")
     return str(workdir)
 
@@ -248,14 +250,15 @@ def test_a_gs_workdir_trains_like_a_local_one_and_resumes_from_the_bucket(smoke_
 
     root = tmp_path / "gcs"
     with FakeGCSServer(root), install(root):
-        train.run(smoke_config(), "gs://bucket/run")
+        trainer.run(smoke_config(), "gs://bucket/run")
         run = root / "bucket" / "run"
         first = read_metrics(str(run))
         assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
         # Resuming reads the checkpoint, metrics and events back from the bucket.
-        train.run(smoke_config(num_train_steps=9), "gs://bucket/run")
-        train.run(smoke_config(num_train_steps=9, init_from="gs://bucket/run"),
-                  str(tmp_path / "tuned"))
+        trainer.run(smoke_config(num_train_steps=9), "gs://bucket/run")
+        # One step suffices: only its step-0 evaluation is read.
+        trainer.run(smoke_config(num_train_steps=1, init_from="gs://bucket/run"),
+                    str(tmp_path / "tuned"))
 
     local = read_metrics(smoke_workdir)
     assert [row["step"] for row in first] == [row["step"] for row in local]
@@ -286,7 +289,7 @@ def test_instruction_tuning_with_a_frozen_router_changes_experts_but_not_the_rou
         dataset="instruct_synth", seq_len=128, num_train_steps=2, eval_every_steps=2,
         checkpoint_every_steps=2, init_from=smoke_workdir, freeze="router",
         instruct_eval=dict(families=("min",), num_examples=2, max_new_tokens=2))
-    summary = train.run(config, str(tmp_path))
+    summary = trainer.run(config, str(tmp_path))
     assert 0.0 <= summary["eval_exact_match/min"] <= 1.0
     before, after = restore_raw(smoke_workdir, 6), restore_raw(str(tmp_path), 2)
     for layer in ("0", "1"):
@@ -326,8 +329,8 @@ def test_single_task_fine_tuning_reads_the_chosen_splits_and_scores_answer_loss(
         dataset="instruct_synth", train_split="task_min", eval_split="eval_min", seq_len=128,
         num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, init_from=smoke_workdir,
         instruct_eval=dict(families=("min", "max"), num_examples=3, max_new_tokens=2, seed=4))
-    summary = train.run(config, str(tmp_path))
-    model_config = train.make_model_config(train.complete_config(config))
+    summary = trainer.run(config, str(tmp_path))
+    model_config = make_model_config(complete_config(config))
     model = Transformer(model_config, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(params, restore_raw(str(tmp_path), 2))
@@ -342,22 +345,22 @@ def test_single_task_fine_tuning_reads_the_chosen_splits_and_scores_answer_loss(
 def test_unknown_train_split_is_named_in_the_error(tmp_path):
     config = smoke_config(dataset="instruct_synth", train_split="task_divide", seq_len=128)
     with pytest.raises(ValueError, match="unknown split 'task_divide' of 'instruct_synth'"):
-        train.run(config, str(tmp_path))
+        trainer.run(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("freeze", ["router", "experts", "non_expert"])
 def test_freeze_zeroes_the_updates_of_exactly_that_parameter_group(freeze):
-    model_config = train.make_model_config(train.complete_config(smoke_config()))
+    model_config = make_model_config(complete_config(smoke_config()))
     params = nnx.state(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param)
-    config = train.complete_config(smoke_config(freeze=freeze))
-    tx = train.make_optimizer(config, lambda step: 1e-2, params)
+    config = complete_config(smoke_config(freeze=freeze))
+    tx = make_optimizer(config, lambda step: 1e-2, params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
     flat = jax.tree_util.tree_leaves_with_path(updates)
-    groups = {train.param_group(path) for path, _ in flat}
+    groups = {param_group(path) for path, _ in flat}
     assert groups == {"router", "experts", "non_expert"}
     for path, update in flat:
-        frozen = train.param_group(path) == freeze
+        frozen = param_group(path) == freeze
         assert bool(jnp.all(update == 0)) == frozen, jax.tree_util.keystr(path)
 
 
@@ -400,6 +403,41 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt"]
 
 
+# ---------------------------------------------------------------------- tokenizers
+
+
+def test_a_sentencepiece_run_sizes_the_model_to_its_vocabulary_and_resumes(tmp_path):
+    from moejax import data
+    from moejax.data import train_tokenizer
+
+    data_dir = str(tmp_path / "tfds")
+    model_path = tmp_path / "sp.model"
+    model_path.write_bytes(train_tokenizer.train_sentencepiece(
+        train_tokenizer.dataset_texts("stdlib_text/small", data_dir=data_dir), vocab_size=400,
+        num_threads=1))
+    spec = f"sentencepiece:{model_path}"
+    tokenizer = data.get_tokenizer(spec)
+    assert tokenizer.vocab_size == 512  # 400 pieces, padded: not the byte vocabulary's 384
+    config = smoke_config("moe=False", dataset="stdlib_text/small", data_dir=data_dir,
+                          tokenizer=spec, num_train_steps=3, checkpoint_every_steps=2,
+                          eval_every_steps=3)
+    # One dense layer: compiles fast.
+    config.model.num_layers = 1
+    workdir = tmp_path / "run"
+    summary = trainer.run(config, str(workdir))
+    assert summary["step"] == 3 and np.isfinite(summary["train_loss"])
+    assert np.isfinite(summary["eval_loss"])
+    saved = restore_raw(str(workdir), 3)
+    assert saved["embed"].shape == (512, 32) and saved["lm_head"].shape == (32, 512)
+    # The data went through the tokenizer: its token streams are cached under the data_dir.
+    assert any(tokenizer.name in entry for entry in os.listdir(data.default_cache_dir(data_dir)))
+    # Resuming from step 2 trains step 3 again, bit for bit.
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    resumed = trainer.run(config, str(workdir))
+    assert resumed["step"] == 3 and resumed["train_loss"] == summary["train_loss"]
+    jax.tree.map(np.testing.assert_array_equal, restore_raw(str(workdir), 3), saved)
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -412,22 +450,48 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
     (dict(optimizer=dict(lerning_rate=1.0)), "config.optimizer.lerning_rate is not a known key"),
     (dict(moe=dict(num_expert=4)), "config.moe.num_expert is not a known key"),
     (dict(freeze="gate"), "config.freeze must be one of"),
+    # Optimizer and schedule values that would train in the wrong direction or not at all.
+    (dict(optimizer=dict(grad_clip_norm=-1.0)), "config.optimizer.grad_clip_norm must be a finite "
+                                                "number > 0, got -1.0"),
+    (dict(optimizer=dict(end_learning_rate_ratio=-5.0)), "config.optimizer.end_learning_rate_ratio"
+                                                         " must be a finite number in [0, 1]"),
+    (dict(optimizer=dict(b2=1.5)), "config.optimizer.b2 must be a finite number in [0, 1)"),
+    (dict(optimizer=dict(weight_decay=-1.0)), "config.optimizer.weight_decay must be a finite"),
+    (dict(optimizer=dict(learning_rate=float("nan"))), "config.optimizer.learning_rate must be"),
+    (dict(optimizer=dict(eps=0.0)), "config.optimizer.eps must be a finite number > 0"),
+    (dict(optimizer=dict(warmup_steps=2.5)), "config.optimizer.warmup_steps must be an int >= 0"),
+    (dict(router_bias_update_rate=-1.0), "config.router_bias_update_rate must be"),
+    (dict(skip_nonfinite_steps=-1), "config.skip_nonfinite_steps must be an int >= 0"),
+    (dict(tokenizer=""), "config.tokenizer must be 'byte', 'sentencepiece:<path to .model>' or "
+                         "'hf:<path to tokenizer.json>', got ''"),
+    (dict(tokenizer="sentencepiece:"), "config.tokenizer must be 'byte', 'sentencepiece:"),
+    (dict(tokenizer="sentencepiece:/no/such.model"), "config.tokenizer = 'sentencepiece:/no/such."
+                                                      "model': tokenizer file '/no/such.model'"),
+    (dict(vocab_size=300), "config.vocab_size must be None or a positive multiple of 128"),
+    (dict(vocab_size=256), "config.vocab_size = 256 is smaller than the vocabulary of tokenizer "
+                           "'byte' (384 ids"),
+    (dict(moe=dict(router="hash", experts_per_token=1, hash_vocab_size=100)),
+     "config.moe.hash_vocab_size = 100 is smaller than the model's vocab_size 384"),
 ])
 def test_bad_config_raises_a_clear_error(overrides, message, tmp_path):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.run(smoke_config(**overrides), str(tmp_path))
+    config = smoke_config().to_dict()  # a plain dict: the trainer itself must catch the key
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.run(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
 
 
 def test_unknown_dataset_error_lists_the_available_ones(tmp_path):
     with pytest.raises(ValueError, match="stdlib_text"):
-        train.run(smoke_config(dataset="no_such_corpus"), str(tmp_path))
+        trainer.run(smoke_config(dataset="no_such_corpus"), str(tmp_path))
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="is not writable"):
-        train.run(smoke_config(), str(blocker / "run"))
+        trainer.run(smoke_config(), str(blocker / "run"))
 
 
 def test_command_line_override_of_a_missing_key_fails_naming_it(tmp_path, tmp_path_factory):

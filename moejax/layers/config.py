@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -103,8 +105,19 @@ class MoEConfig:
 
         for name in ("d_model", "d_ff", "num_experts", "experts_per_token"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.shared_d_ff is not None and (not _is_int(self.shared_d_ff) or self.shared_d_ff < 1):
+            raise ValueError(
+                f"MoEConfig.shared_d_ff must be None or a positive int, got {self.shared_d_ff!r}"
+            )
+        for name in ("num_shared_experts", "num_expert_groups", "hash_vocab_size", "hash_seed"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"MoEConfig.{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("capacity_factor", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise ValueError(f"MoEConfig.{name} must be a finite number > 0, got {value!r}")
         if self.router not in ROUTERS:
             raise ValueError(
                 f"MoEConfig.router must be one of {sorted(ROUTERS)}, got {self.router!r}"
@@ -166,9 +179,11 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}"
             )
-        if self.router_jitter < 0 or self.router_jitter >= 1:
+        if not _is_real(self.router_jitter) or self.router_jitter < 0 or self.router_jitter >= 1:
             raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter}")
-        if self.ep_exchange_factor is not None and not self.ep_exchange_factor > 0:
+        if self.ep_exchange_factor is not None and not (
+            _is_real(self.ep_exchange_factor) and self.ep_exchange_factor > 0
+        ):
             raise ValueError(
                 f"MoEConfig.ep_exchange_factor must be > 0 or None, got {self.ep_exchange_factor}"
             )
@@ -176,8 +191,12 @@ class MoEConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for loss, field in LOSS_WEIGHT_FIELDS.items():
-            if getattr(self, field) < 0:
-                raise ValueError(f"MoEConfig.{field} (weight of {loss!r}) must be >= 0")
+            value = getattr(self, field)
+            if not _is_real(value) or value < 0:
+                raise ValueError(
+                    f"MoEConfig.{field} (weight of {loss!r}) must be a finite number >= 0, "
+                    f"got {value!r}"
+                )
         self._check_architecture_fields()
 
     def _check_architecture_fields(self) -> None:
@@ -193,6 +212,14 @@ class MoEConfig:
 
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:

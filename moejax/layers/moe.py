@@ -14,6 +14,8 @@ token is dispatched to no expert (takes no capacity slot), its output is exactly
 included) and it counts in no auxiliary loss and no metric (means run over the real tokens).
 Capacity dispatch keeps its static buffer ``C`` from all T tokens, so masked tokens leave slots free
 for real ones; expert choice fills ``expert_choice_capacity`` of the real-token count per expert.
+An input without tokens (a zero-size batch dimension) gives an empty output and the auxiliary losses
+and metrics of a batch whose tokens are all masked: zeros, every one finite, on every router.
 
 Train/eval follows NNX: ``moe.train()`` / ``moe.eval()`` and ``nnx.view(model, deterministic=True)``
 set ``Router.deterministic``; routing noise and input jitter are drawn only in training, from the
@@ -351,6 +353,8 @@ class MoE(nnx.Module):
         """
         c = self.config
         batch_shape = self._check_inputs(x, token_ids, token_mask)
+        if math.prod(batch_shape) == 0:
+            return self._no_tokens(x, batch_shape, token_ids, deterministic, rngs)
         deterministic = bool(self.router.deterministic if deterministic is None else deterministic)
         if _all_concrete((nnx.state(self), x, token_ids, token_mask,
                           None if isinstance(rngs, (nnx.Rngs, nnx.RngStream)) else rngs)):
@@ -366,6 +370,16 @@ class MoE(nnx.Module):
             self._sow(AUX_LOSS, aux.total_loss)
             self._sow(AUX_METRICS, aux.metrics)
         return y, aux
+
+    def _no_tokens(self, x, batch_shape, token_ids, deterministic, rngs):
+        """An empty ``x``: routes one masked stand-in token (every empty dimension of size 1)
+        for the shapes of the losses and metrics, all zero, and returns an empty output."""
+        shape = tuple(max(n, 1) for n in batch_shape)
+        stand_in = jnp.zeros((*shape, x.shape[-1]), x.dtype)
+        ids = None if token_ids is None else jnp.zeros(shape, token_ids.dtype)
+        y, aux = self(stand_in, token_ids=ids, token_mask=jnp.zeros(shape, jnp.bool_),
+                      deterministic=deterministic, rngs=rngs)
+        return jnp.zeros(x.shape, y.dtype), aux
 
     def _sow(self, name: str, value) -> None:
         """``sow`` into ``nnx.capture``'s intermediates; outside a capture (and under Linen's

@@ -127,7 +127,8 @@ def _check_group_offset(group_offset, num_local: int, num_groups: int, fn: str):
             raise ValueError(
                 f"{fn}: group_offset = {o} with {num_local} local groups is outside [0, {num_groups}]"
             )
-    return offset.astype(jnp.int32)
+    # A traced offset cannot be checked: it is clamped into range, the same way for every backend.
+    return jnp.clip(offset.astype(jnp.int32), 0, num_groups - num_local)
 
 
 def _check_static_shapes(fn: str, backend: str, **operands) -> None:
@@ -178,7 +179,8 @@ def gmm(
       group_sizes: int32 [G] with ``sum <= m``. ``G == g`` unless ``group_offset`` is given.
       transpose_rhs: contract with the last dimension of ``rhs``.
       group_offset: ``rhs`` holds groups ``[group_offset, group_offset + g)`` only (expert
-        sharding); rows of the other groups are 0.
+        sharding); rows of the other groups are 0. A concrete offset outside ``[0, G - g]`` is an
+        error; a traced one is clamped into that range (the same on every backend).
       preferred_element_type: output dtype (default: lhs and rhs promoted). Accumulation is f32.
       tiling: backend tile sizes ``(tm, tk, tn)``; None picks the backend's default.
       backend: "auto" | "pallas_tpu" | "pallas_gpu" | "cpu" | "reference".

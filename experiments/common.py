@@ -1,4 +1,9 @@
-"""Shared pieces of the paper-reproduction sweeps S1-S5: argument parsing and the small LM they train.
+"""What experiment configs share: the trainer's defaults, one argument parser, the sweeps' small LM.
+
+Every config file starts from :func:`base` (the trainer's full schema at its defaults, locked: any key
+can then be overridden on the command line, a misspelt one is an error), fills ``model`` / ``moe``
+with :func:`model` / :func:`moe` (every field of the model's dataclasses) and reads its
+``config.py:key=value,...`` argument with :func:`parse_arg`.
 
 A sweep config (``experiments/s1_balancing.py``, ...) is an ml_collections config file with
 ``get_config(arg)`` for one run (so ``python -m moejax.main --config=experiments/s1_balancing.py:seed=1``
@@ -15,6 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import ml_collections
+
+from moejax.trainer.config import default_config, model_fields, moe_fields
 
 SIZES = ("micro", "small", "long", "full")
 
@@ -40,7 +47,22 @@ class Run(NamedTuple):
     arg: str
 
 
-def parse_args(arg: str | None, defaults: dict[str, str], config_name: str) -> dict[str, str]:
+def base() -> ml_collections.ConfigDict:
+    """Every trainer key at its default, locked; set ``model`` (and ``moe``) with the helpers below."""
+    return default_config()
+
+
+def model(**fields) -> dict:
+    """Every ``TransformerConfig`` field of ``config.model`` at its default, updated by ``fields``."""
+    return model_fields(**fields)
+
+
+def moe(**fields) -> dict:
+    """Every ``MoEConfig`` field of ``config.moe`` at its default, updated by ``fields``."""
+    return moe_fields(**fields)
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str], config_name: str) -> dict[str, str]:
     """``"a=1,b=x"`` over ``defaults``; an unknown key or a malformed part raises a ValueError."""
     args = dict(defaults)
     for part in (arg or "").split(","):
@@ -58,6 +80,11 @@ def parse_args(arg: str | None, defaults: dict[str, str], config_name: str) -> d
     return args
 
 
+def truthy(value: str) -> bool:
+    """A config argument's yes (``1``, ``true``, ``yes``, any case)."""
+    return value.lower() in ("1", "true", "yes")
+
+
 def base_config(size: str, seed: int, *, d_ff_multiple: int = 4,
                 moe_every: int = 2) -> ml_collections.ConfigDict:
     """The small byte-level LM on ``stdlib_text`` that every sweep trains; ``config.moe`` is unset.
@@ -65,18 +92,16 @@ def base_config(size: str, seed: int, *, d_ff_multiple: int = 4,
     Evaluation and the only checkpoint come at the last step (the runner reads the final numbers).
     """
     seq_len, batch, steps, d_model, layers, heads, warmup, eval_batches = _SHAPES[size]
-    config = ml_collections.ConfigDict()
+    config = base()
     config.dataset = "stdlib_text"
     config.seq_len = seq_len
     config.batch_size = batch
     config.num_train_steps = steps
     config.seed = seed
-    config.model = dict(d_model=d_model, num_layers=layers, num_heads=heads,
-                        d_ff=d_ff_multiple * d_model, moe_every=moe_every)
-    config.moe = None
-    config.optimizer = dict(learning_rate=3e-3, warmup_steps=warmup, end_learning_rate_ratio=0.1,
+    config.model = model(d_model=d_model, num_layers=layers, num_heads=heads,
+                         d_ff=d_ff_multiple * d_model, moe_every=moe_every)
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=warmup, end_learning_rate_ratio=0.1,
                             weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0)
-    config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     config.log_every_steps = 1 if size == "micro" else 10
     config.eval_every_steps = steps
     config.eval_batches = eval_batches

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Mapping
 
+from absl import logging
 from tensorboardX import SummaryWriter
 
 from moejax import paths
@@ -29,11 +30,26 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """All rows of ``<workdir>/metrics.jsonl`` (empty if there is none); ``workdir`` may be a URI."""
+    """All rows of ``<workdir>/metrics.jsonl`` (empty if there is none); ``workdir`` may be a URI.
+
+    A last line cut short (the writer killed mid-row) is dropped with a warning; any other line
+    that is not JSON is an error naming the file and line.
+    """
     path = paths.resolve(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if i == len(lines) - 1:
+                logging.warning("%s: dropping its last line %d, cut short (%s)", path, number, error)
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON row ({error})") from error
+    return rows
 
 
 class MetricsWriter:

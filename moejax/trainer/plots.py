@@ -15,7 +15,7 @@ from etils import epath
 from matplotlib.figure import Figure
 
 from moejax import paths
-from moejax.metrics_writer import read_metrics
+from moejax.trainer.metrics_writer import read_metrics
 
 
 def plot_run(workdir: str | os.PathLike) -> list[str]:
