@@ -50,7 +50,6 @@ CHIPS = {
 }
 GIB = 1024 ** 3
 # Config keys of the tokenizer interface; the preflight needs only the vocabulary size.
-TOKENIZER_KEYS = ("tokenizer", "vocab_size")
 
 
 class PreflightError(ValueError):
@@ -65,36 +64,38 @@ class DoesNotFit(Exception):
 # Every use of the trainer's code is in this section, so that the preflight follows the trainer
 # wherever it moves.
 
-from moejax import train as trainer  # noqa: E402
-from moejax.data import PAD_ID, VOCAB_SIZE as BYTE_VOCAB_SIZE  # noqa: E402
+from moejax.data import get_tokenizer  # noqa: E402
 from moejax.models.transformer import Transformer, count_params  # noqa: E402
+from moejax.trainer import config as trainer_config  # noqa: E402
+from moejax.trainer import state as trainer_state  # noqa: E402
+from moejax.trainer import step as trainer_step  # noqa: E402
 
 
 def _trainer_config(config) -> tuple[ml_collections.ConfigDict, int]:
     """The trainer's completed config and the vocabulary size the model is built with.
 
-    ``tokenizer`` / ``vocab_size`` are taken out first when this trainer does not know them yet.
+    The preflight reads no tokenizer file: a subword tokenizer needs ``config.vocab_size``.
     """
     user = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     tokenizer = user.get("tokenizer") or "byte"
     vocab_size = user.get("vocab_size")
-    for key in TOKENIZER_KEYS:
-        if key not in trainer.DEFAULTS:
-            user.pop(key, None)
     if vocab_size is None:
         if tokenizer != "byte":
             raise PreflightError(
                 f"config.vocab_size is None with tokenizer {tokenizer!r}: the preflight does not "
                 "read tokenizer files; set config.vocab_size (a multiple of 128)")
-        vocab_size = BYTE_VOCAB_SIZE
+        vocab_size = get_tokenizer("byte").vocab_size
     if not isinstance(vocab_size, int) or vocab_size < 1 or vocab_size % 128:
         raise PreflightError(f"config.vocab_size must be a positive multiple of 128, got "
                              f"{vocab_size!r}")
-    return trainer.complete_config(ml_collections.ConfigDict(user)), vocab_size
+    # The byte tokenizer stands in for the named one: only the vocabulary size matters here.
+    user.update(tokenizer="byte", vocab_size=vocab_size)
+    return trainer_config.complete_config(ml_collections.ConfigDict(user)), vocab_size
 
 
 def _model_config(config, vocab_size):
-    model_config = trainer.make_model_config(config).replace(vocab_size=vocab_size)
+    model_config = trainer_config.make_model_config(config, get_tokenizer("byte"))
+    model_config = model_config.replace(vocab_size=vocab_size)
     if model_config.moe is not None:
         moe = dataclasses.replace(model_config.moe, gmm_backend="pallas_tpu", gmm_interpret=False)
         model_config = model_config.replace(moe=moe)
@@ -102,7 +103,7 @@ def _model_config(config, vocab_size):
 
 
 def _abstract_setup(config, model_config, mesh, rules):
-    """``trainer.TrainSetup`` whose state holds sharded ``ShapeDtypeStruct``s (nothing allocated)."""
+    """A ``TrainSetup`` whose state holds sharded ``ShapeDtypeStruct``s (nothing allocated)."""
     with parallel.use_mesh(mesh, rules):
         model = nnx.eval_shape(lambda: Transformer(
             model_config, rngs=nnx.Rngs(params=config.seed, router=config.seed + 1)))
@@ -111,33 +112,26 @@ def _abstract_setup(config, model_config, mesh, rules):
         eval_graphdef = nnx.graphdef(model)
         params, rng_state, rest = (_with_shardings(s, mesh, rules)
                                    for s in (params, rng_state, rest))
-    schedule = trainer.make_schedule(config)
-    tx = trainer.make_optimizer(config, schedule, params)
+    schedule = trainer_state.make_schedule(config)
+    tx = trainer_state.make_optimizer(config, schedule, params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = {"params": params, "rest": rest, "opt_state": _abstract_opt_state(tx, params, mesh),
-             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+             "step": scalar, "nonfinite_steps": scalar}
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return trainer.TrainSetup(graphdef, eval_graphdef, state, rng_state, tx, schedule, num_params)
+    return trainer_state.TrainSetup(config, get_tokenizer("byte"), model_config, mesh, rules,
+                                    graphdef, eval_graphdef, state, rng_state, tx, schedule,
+                                    num_params)
 
 
 def _train_step(config, setup, model_config):
-    uses_bias = model_config.moe is not None and model_config.moe.router == "deepseek_v3"
-    step = trainer.make_train_step(
-        setup, jax.random.key(config.seed + 2),
-        router_bias_rate=config.router_bias_update_rate if uses_bias else 0.0)
-    shardings = jax.tree.map(lambda x: x.sharding, setup.state)
-    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+    """The trainer's jitted update step (donating the state, as the trainer does)."""
+    del config, model_config  # the setup carries both
+    return trainer_step.jit_train_step(setup)
 
 
 def _eval_step(setup):
-    def eval_step(params, rest, rng_state, batch):
-        model = nnx.merge(setup.eval_graphdef, params, rng_state, rest)
-        logits_BxLxV, aux = model(batch["inputs"], token_mask=batch["inputs"] != PAD_ID)
-        ce_sum, weight_sum = trainer.token_cross_entropy(logits_BxLxV, batch["targets"],
-                                                         batch["weights"])
-        return {"ce_sum": ce_sum, "weight_sum": weight_sum, **aux.metrics}
-
-    return jax.jit(eval_step)
+    return trainer_step.jit_eval_step(setup)
 
 
 # ---------------------------------------------------------------------- abstract state

@@ -214,8 +214,6 @@ def _param_sizes(model_config):
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
-@pytest.mark.xfail(reason="the trainer's DeepSeek-V3 bias update fails under scan_layers=True "
-                          "(nnx: 'Cannot extract graph node from different trace level')")
 def test_deepseek_v3_router_biases_update_under_scanned_layers():
     try:
         preflight.topology_devices("v5e:2x2")

@@ -75,3 +75,32 @@ def test_a_batch_without_tokens_gives_an_empty_output_and_zero_finite_aux(router
     # Under jit and grad as in training: the gradient is zero, not NaN.
     grads = nnx.grad(lambda m: m(x, token_ids=ids)[1].total_loss)(layer)
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.dtype_promotion("standard")
+def test_the_train_step_updates_deepseek_router_biases_under_scanned_layers():
+    """scan_layers + DeepSeek-V3: the router biases (non-differentiated state) pass through the
+    gradient and the scan, and the step moves them against the load."""
+    import ml_collections
+
+    from moejax import parallel
+    from moejax.trainer import setup as trainer_setup
+    from moejax.trainer import step as trainer_step
+
+    config = ml_collections.ConfigDict(dict(
+        seq_len=8, batch_size=2, num_train_steps=2, router_bias_update_rate=0.01,
+        model=dict(d_model=16, num_layers=2, num_heads=2, d_ff=32, moe_every=1, scan_layers=True),
+        moe=dict(num_experts=4, experts_per_token=2, d_ff=16, router="deepseek_v3",
+                 gmm_backend="reference"),
+        optimizer=dict(warmup_steps=0), mesh=dict(data=1)))
+    devices = jax.devices()[:1]
+    setup = trainer_setup(config, mesh=parallel.make_mesh(data=1, devices=devices))
+    step = trainer_step.jit_train_step(setup, donate=False)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 3, 300)
+    batch = {"inputs": tokens, "targets": tokens, "weights": jnp.ones((2, 8), jnp.float32)}
+    with parallel.use_mesh(setup.mesh, setup.rules):
+        state, metrics = step(setup.state, setup.rng_state, batch)
+    before = [np.asarray(x) for x in jax.tree.leaves(setup.state["rest"])]
+    after = [np.asarray(x) for x in jax.tree.leaves(state["rest"])]
+    assert np.isfinite(float(metrics["train_loss"]))
+    assert any(b.shape == (2, 4) and not np.array_equal(a, b) for a, b in zip(after, before))

@@ -28,6 +28,10 @@ def token_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
 
 
 def _loss(params, rest, rng_state, batch, key, *, graphdef, pad_id):
+    # Fresh Variables at this trace level for the state ``grad`` does not differentiate:
+    # ``nnx.merge`` keeps the Variable objects it is given, and ``nnx.scan`` (scan_layers) refuses
+    # Variables of the enclosing ``jit``'s level (DeepSeek-V3's router biases live in ``rest``).
+    rest, rng_state = jax.tree.map(lambda x: x, (rest, rng_state))
     model = nnx.merge(graphdef, params, rng_state, rest)
     # Padding (instruction rows) is routed nowhere and counts in no MoE loss or metric.
     logits_BxLxV, aux = model(batch["inputs"], token_mask=batch["inputs"] != pad_id, rngs=key)
