@@ -500,3 +500,42 @@ def test_command_line_override_of_a_missing_key_fails_naming_it(tmp_path, tmp_pa
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fine_tuning_starts_from_a_hugging_face_checkpoint(tmp_path):
+    """``init_from="hf:<dir>"``: the architecture comes from its config.json, the parameters from its
+    safetensors (the first step's learning rate is 0 in warm-up, so step 1 still holds them)."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from moejax.models import hf
+
+    fixture = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_moe")
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["def return import class self none true false for in if else"] * 8,
+                            trainers.BpeTrainer(vocab_size=56, limit_alphabet=30, special_tokens=[
+                                "<pad>", "<s>", "</s>", "<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = smoke_config(dataset="stdlib_text/small", data_dir=str(tmp_path / "tfds"),
+                          tokenizer=f"hf:{tmp_path / 'tokenizer.json'}", init_from=f"hf:{fixture}",
+                          num_train_steps=1, checkpoint_every_steps=1, eval_every_steps=1,
+                          seq_len=16)
+    config.model = dict(dtype="float32", param_dtype="float32")
+    config.moe = dict(dispatch="dense")
+    config.optimizer.warmup_steps = 5
+    summary = trainer.run(config, str(tmp_path / "run"))
+    assert summary["step"] == 1 and np.isfinite(summary["train_loss"])
+    _, want = hf.load(fixture, param_dtype=jnp.float32)
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    got, want = flat(restore_raw(str(tmp_path / "run"), 1)), flat(nnx.to_pure_dict(want))
+    assert sorted(got) == sorted(want) and len(got) > 10
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+    config.model = dict(d_model=64)
+    with pytest.raises(ValueError, match=r"config.model.d_model is fixed by the checkpoint"):
+        trainer.run(config, str(tmp_path / "other"))

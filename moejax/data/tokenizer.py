@@ -75,6 +75,7 @@ class Tokenizer:
     name: str
     spec: str
     vocab_size: int
+    num_ids: int  # ids the tokenizer can produce (special ids included), before padding
     pad_id: int
     bos_id: int
     eos_id: int
@@ -109,6 +110,7 @@ class ByteTokenizer(Tokenizer):
 
     name = spec = "byte"
     vocab_size = VOCAB_SIZE
+    num_ids = BYTE_OFFSET + 256
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
     def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
@@ -169,6 +171,7 @@ class SentencePieceTokenizer(Tokenizer):
         }
         ids, num_ids = _special_ids({k: (v if v >= 0 else None) for k, v in own.items()}, self._num_pieces)
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.num_ids = num_ids
         self.vocab_size = padded_vocab_size(num_ids)
 
     def _encode_batch(self, texts):
@@ -202,6 +205,7 @@ class HuggingFaceTokenizer(Tokenizer):
         own = {"pad": first(PAD_NAMES), "bos": first(BOS_NAMES), "eos": first(EOS_NAMES)}
         ids, num_ids = _special_ids(own, self._num_ids)
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.num_ids = num_ids
         self.vocab_size = padded_vocab_size(num_ids)
 
     def _encode_batch(self, texts):

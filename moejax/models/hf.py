@@ -264,6 +264,15 @@ def _directory(path: str) -> str:
     return os.path.dirname(path) if os.path.isfile(path) else path
 
 
+def read_config(path: str) -> dict:
+    """The ``config.json`` of a Hugging Face checkpoint directory (or of a file inside it)."""
+    config_path = os.path.join(_directory(path), "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"no config.json in the checkpoint directory {_directory(path)!r}")
+    with open(config_path) as f:
+        return json.load(f)
+
+
 def load(path: str, *, param_dtype=None, dtype=None, mesh=None, rules=None,
          moe_changes: dict | None = None):
     """``(config, params)`` from a Hugging Face checkpoint directory (or a file inside it).
@@ -274,13 +283,24 @@ def load(path: str, *, param_dtype=None, dtype=None, mesh=None, rules=None,
     placed on its shards as it is read. ``moe_changes`` replaces fields of the MoE config that the
     checkpoint does not fix (``dispatch``, ``gmm_backend``, loss weights, ...).
     """
-    directory = _directory(path)
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    config = config_from_hf(hf, param_dtype=param_dtype, dtype=dtype)
+    config = config_from_hf(read_config(path), param_dtype=param_dtype, dtype=dtype)
     if moe_changes:
         config = config.replace(moe=config.moe.replace(**moe_changes))
-    family = hf["model_type"]
+    return config, load_params(path, config, mesh=mesh, rules=rules)
+
+
+def load_params(path: str, config: TransformerConfig, *, mesh=None, rules=None):
+    """The checkpoint's parameters (``nnx.State``) for a model built with ``config``.
+
+    ``config`` must have the checkpoint's architecture (e.g. ``config_from_hf`` of its
+    ``config.json`` with other dtypes, ``max_len`` or dispatch); tensors are converted to its
+    ``param_dtype`` and, with ``mesh``, placed on their shards one at a time.
+    """
+    if config.scan_layers:
+        raise ValueError("loading a Hugging Face checkpoint needs scan_layers=False (its layers "
+                         "are stored one by one)")
+    directory = _directory(path)
+    family = read_config(path)["model_type"]
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     params = nnx.state(abstract, nnx.Param)
     shardings = None
@@ -310,8 +330,7 @@ def load(path: str, *, param_dtype=None, dtype=None, mesh=None, rules=None,
         reader.close()
     if flat:
         raise ValueError(f"no checkpoint tensor for parameters {sorted(flat)}")
-    params = nnx.from_flat_state(loaded)
-    return config, params
+    return nnx.from_flat_state(loaded)
 
 
 def load_model(path: str, dtype=jnp.float32, *, mesh=None, rules=None,

@@ -201,7 +201,7 @@ def complete_config(config) -> ml_collections.ConfigDict:
             raise ValueError(f"config.{name} must be None or a dict, got {merged[name]!r}")
         for sub in merged[name] or {}:
             _check_key(sub, allowed, f"config.{name}")
-    if merged["model"] is None:
+    if merged["model"] is None and hf_checkpoint(merged) is None:
         raise ValueError(f"config.model is required (a dict of {MODEL_KEYS})")
     if merged["instruct_eval"] is not None:
         merged["instruct_eval"] = {**INSTRUCT_EVAL_DEFAULTS, **merged["instruct_eval"]}
@@ -274,13 +274,60 @@ def _dtype(name):
         raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32' or 'bfloat16')") from error
 
 
+HF_PREFIX = "hf:"
+# What config.model / config.moe may still choose when a Hugging Face checkpoint fixes the model.
+HF_MODEL_KEYS = ("dtype", "param_dtype", "remat")
+HF_MOE_KEYS = ("dispatch", "capacity_factor", "capacity_order", "gmm_backend", "gmm_tiling",
+               "gmm_interpret", "remat", "load_balancing_weight", "z_loss_weight",
+               "importance_weight", "load_weight", "sequence_balance_weight", "router_jitter",
+               "ep_exchange_factor", "rng_stream")
+
+
+def hf_checkpoint(config) -> str | None:
+    """The checkpoint directory of ``init_from = "hf:<dir>"``, else None."""
+    init_from = config["init_from"] or ""
+    return init_from[len(HF_PREFIX):] if init_from.startswith(HF_PREFIX) else None
+
+
+def _hf_model_config(config, path: str, tokenizer: data_lib.Tokenizer) -> TransformerConfig:
+    """The checkpoint's architecture, with the run's dtypes, sequence length and dispatch."""
+    from moejax.models import hf
+
+    for section, allowed in (("model", HF_MODEL_KEYS), ("moe", HF_MOE_KEYS)):
+        fixed = sorted(set(config[section] or {}) - set(allowed))
+        if fixed:
+            raise ValueError(f"config.{section}.{fixed[0]} is fixed by the checkpoint "
+                             f"init_from = {config['init_from']!r}; with a Hugging Face checkpoint "
+                             f"config.{section} may only set {allowed}")
+    model = dict(config.model or {})
+    param_dtype = _dtype(model["param_dtype"]) if "param_dtype" in model else None
+    dtype = _dtype(model["dtype"]) if "dtype" in model else None
+    try:
+        result = hf.config_from_hf(hf.read_config(path), param_dtype=param_dtype, dtype=dtype)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"config.init_from = {config['init_from']!r}: {error}") from error
+    if config["vocab_size"] is not None and config["vocab_size"] != result.vocab_size:
+        raise ValueError(f"config.vocab_size = {config['vocab_size']} differs from the checkpoint's "
+                         f"vocab_size {result.vocab_size}; leave it None")
+    if tokenizer.num_ids > result.vocab_size:
+        raise ValueError(f"tokenizer {config['tokenizer']!r} has {tokenizer.num_ids} ids, more than "
+                         f"the checkpoint's vocab_size {result.vocab_size}: use the checkpoint's "
+                         "own tokenizer (tokenizer = 'hf:<dir>/tokenizer.json')")
+    moe = result.moe.replace(**dict(config.moe or {})) if result.moe is not None else None
+    return result.replace(max_len=config.seq_len, remat=bool(model.get("remat", False)), moe=moe)
+
+
 def make_model_config(config, tokenizer: data_lib.Tokenizer | None = None) -> TransformerConfig:
     """The :class:`TransformerConfig` (with its :class:`MoEConfig`) that a completed ``config`` describes.
 
-    ``tokenizer``: ``get_tokenizer(config)``, built here when not given.
+    ``tokenizer``: ``get_tokenizer(config)``, built here when not given. With
+    ``init_from = "hf:<dir>"`` the architecture is the checkpoint's (``config.json``).
     """
     if tokenizer is None:
         tokenizer = get_tokenizer(config)
+    path = hf_checkpoint(config)
+    if path is not None:
+        return _hf_model_config(config, path, tokenizer)
     model = dict(config.model)
     for key in ("dtype", "param_dtype"):
         if key in model:

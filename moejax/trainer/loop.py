@@ -45,7 +45,7 @@ from moejax import parallel, paths
 from moejax.models.transformer import TransformerConfig
 from moejax.trainer import workdir as workdir_lib
 from moejax.trainer.checkpoint import Checkpointer, restore_params
-from moejax.trainer.config import complete_config, get_tokenizer
+from moejax.trainer.config import complete_config, get_tokenizer, hf_checkpoint
 from moejax.trainer.evaluate import Evaluator
 from moejax.trainer.metrics_writer import MetricsWriter
 from moejax.trainer.plots import plot_run
@@ -171,7 +171,14 @@ def _restore(s: TrainSetup, checkpointer: Checkpointer, train_iter, console) -> 
                           f"{config.num_train_steps}): nothing to train; use a new --workdir "
                           "to train again")
         return state, step
-    if config.init_from:
+    hf_path = hf_checkpoint(config)
+    if hf_path is not None:
+        from moejax.models import hf
+
+        params = hf.load_params(hf_path, s.model_config, mesh=s.mesh, rules=s.rules)
+        nnx.replace_by_pure_dict(state["params"], nnx.to_pure_dict(params))
+        console.print(f"Initialised parameters from the Hugging Face checkpoint {hf_path}")
+    elif config.init_from:
         source = _checkpoint_dir_of(config.init_from)
         from_step, params = restore_params(source, abstract_params)
         nnx.replace_by_pure_dict(state["params"], params)
@@ -228,7 +235,8 @@ class _Monitor:
                 if saved else "no checkpoint was written")
         limit = self.config.skip_nonfinite_steps
         advice = "lower optimizer.learning_rate or raise optimizer.warmup_steps"
-        if "float16" in (self.config.model.get("dtype"), self.config.model.get("param_dtype")):
+        model = self.config.model or {}
+        if "float16" in (model.get("dtype"), model.get("param_dtype")):
             advice = "float16 overflows easily: train in bfloat16 or float32"
         return (f"step {step}: loss {float(values['train_total_loss'])}, gradient norm "
                 f"{float(values['grad_norm'])} — {count} non-finite step(s), more than "
