@@ -539,3 +539,28 @@ def test_fine_tuning_starts_from_a_hugging_face_checkpoint(tmp_path):
     config.model = dict(d_model=64)
     with pytest.raises(ValueError, match=r"config.model.d_model is fixed by the checkpoint"):
         trainer.run(config, str(tmp_path / "other"))
+
+
+def test_an_upcycled_moe_run_starts_with_the_dense_runs_evaluation_loss(tmp_path):
+    """``upcycle=True``: every expert is a copy of the dense FFN and the router starts at zero, so
+    the top-2 gates are 1/2 + 1/2 and the step-0 evaluation equals the dense run's last one."""
+    data_dir = str(tmp_path / "tfds")
+    dense = smoke_config("moe=False", dataset="stdlib_text/small", data_dir=data_dir,
+                         num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+    dense.model.num_layers = 1
+    trainer.run(dense, str(tmp_path / "dense"))
+    moe = smoke_config(dataset="stdlib_text/small", data_dir=data_dir, num_train_steps=1,
+                       eval_every_steps=1, checkpoint_every_steps=1,
+                       init_from=str(tmp_path / "dense"), upcycle=True)
+    moe.model.num_layers = 1
+    moe.moe.update(d_ff=dense.model.d_ff, dispatch="dense")
+    trainer.run(moe, str(tmp_path / "moe"))
+
+    def eval_loss(workdir, step):
+        [row] = [r for r in read_metrics(workdir) if r["step"] == step and "eval_loss" in r]
+        return row["eval_loss"]
+
+    np.testing.assert_allclose(eval_loss(str(tmp_path / "moe"), 0),
+                               eval_loss(str(tmp_path / "dense"), 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="config.upcycle needs config.init_from"):
+        trainer.run(smoke_config(upcycle=True), str(tmp_path / "bad"))

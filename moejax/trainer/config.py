@@ -134,6 +134,10 @@ SCHEMA: dict[str, Any] = dict(
     checkpoint_every_steps=positive_int(200),
     keep_checkpoints=positive_int(3),
     init_from=optional_text(),
+    # With init_from = a dense run: copy its FFNs into every expert of this MoE model (sparse
+    # upcycling, Komatsuzaki et al. 2022); the routers start at zero plus upcycle_noise.
+    upcycle=flag(False),
+    upcycle_noise=real(0.0, 0.0),
     freeze=one_of("none", FREEZE_OPTIONS),
     progress_bar=flag(True),
     # DeepSeek-V3's bias update speed (gamma); used only by router="deepseek_v3".
@@ -233,6 +237,10 @@ def _check_values(schema, values, where) -> None:
 
 
 def _check_relations(config) -> None:
+    if config["upcycle"] and (not config["init_from"] or hf_checkpoint(config) is not None
+                              or config["moe"] is None):
+        raise ValueError("config.upcycle needs config.init_from = a dense run's workdir and "
+                         "config.moe (the MoE to build from it)")
     if config["freeze"] in ("router", "experts") and config["moe"] is None:
         raise ValueError(f"config.freeze = {config['freeze']!r} needs an MoE model "
                          "(config.moe is None)")

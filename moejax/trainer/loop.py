@@ -45,7 +45,8 @@ from moejax import parallel, paths
 from moejax.models.transformer import TransformerConfig
 from moejax.trainer import workdir as workdir_lib
 from moejax.trainer.checkpoint import Checkpointer, restore_params
-from moejax.trainer.config import complete_config, get_tokenizer, hf_checkpoint
+from moejax.trainer.config import (complete_config, get_tokenizer, hf_checkpoint,
+                                   make_model_config)
 from moejax.trainer.evaluate import Evaluator
 from moejax.trainer.metrics_writer import MetricsWriter
 from moejax.trainer.plots import plot_run
@@ -178,12 +179,49 @@ def _restore(s: TrainSetup, checkpointer: Checkpointer, train_iter, console) -> 
         params = hf.load_params(hf_path, s.model_config, mesh=s.mesh, rules=s.rules)
         nnx.replace_by_pure_dict(state["params"], nnx.to_pure_dict(params))
         console.print(f"Initialised parameters from the Hugging Face checkpoint {hf_path}")
+    elif config.upcycle:
+        params = nnx.to_pure_dict(_upcycled_params(s, _checkpoint_dir_of(config.init_from),
+                                                   console))
+        # Onto the shards the step expects.
+        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params,
+                              nnx.to_pure_dict(state["params"]))
+        nnx.replace_by_pure_dict(state["params"], params)
     elif config.init_from:
         source = _checkpoint_dir_of(config.init_from)
         from_step, params = restore_params(source, abstract_params)
         nnx.replace_by_pure_dict(state["params"], params)
         console.print(f"Initialised parameters from {source}/{from_step}")
     return state, 0
+
+
+def _upcycled_params(s: TrainSetup, source: epath.Path, console):
+    """This MoE model's parameters upcycled from the dense run whose checkpoints are ``source``."""
+    import json
+
+    from moejax.models import upcycle
+    from moejax.models.transformer import Transformer
+
+    record = source.parent / workdir_lib.CONFIG_FILE
+    if not record.exists():
+        raise ValueError(f"config.upcycle: no {workdir_lib.CONFIG_FILE} next to {source} (the dense "
+                         "run's config)")
+    dense_config = make_model_config(complete_config(json.loads(record.read_text())), s.tokenizer)
+    if dense_config.moe is not None:
+        raise ValueError(f"config.upcycle: the run in {source.parent} is not dense")
+    replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.state(nnx.eval_shape(lambda: Transformer(dense_config, rngs=nnx.Rngs(0))), nnx.Param))
+    from_step, dense = restore_params(source, nnx.to_pure_dict(abstract))
+    nnx.replace_by_pure_dict(abstract, dense)
+    try:
+        _, params = upcycle(abstract, dense_config, s.model_config,
+                            noise=s.config.upcycle_noise, seed=s.config.seed)
+    except ValueError as error:
+        raise ValueError(f"config.upcycle from {source.parent}: {error}") from error
+    console.print(f"Upcycled the dense parameters of {source}/{from_step} into "
+                  f"{s.model_config.moe.num_experts} experts per MoE layer")
+    return params
 
 
 class _Monitor:

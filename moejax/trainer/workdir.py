@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 # Keys a resumed run may change freely: how long to train and what to log, evaluate and keep.
 FREE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches",
              "checkpoint_every_steps", "keep_checkpoints", "progress_bar", "distributed",
-             "skip_nonfinite_steps", "allow_new_config", "init_from", "data_dir", "instruct_eval")
+             "skip_nonfinite_steps", "allow_new_config", "init_from", "upcycle", "upcycle_noise",
+             "data_dir", "instruct_eval")
 # Keys that fix the arrays of a run or the data it reads: a change is never resumed.
 SHAPE_KEYS = ("model", "moe", "seq_len", "batch_size", "tokenizer", "vocab_size", "dataset",
               "train_split", "text_key", "seed", "freeze")
