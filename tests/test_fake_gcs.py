@@ -21,7 +21,7 @@ from orbax.checkpoint._src.path import gcs_utils
 
 import fake_gcs
 from moejax import data
-from moejax.checkpoint import Checkpointer
+from moejax.trainer.checkpoint import Checkpointer
 
 _ENV_NAMES = ("TENSORSTORE_GCS_HTTP_URL", "TENSORSTORE_GCS_HTTP_VERSION", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 

@@ -336,7 +336,7 @@ def test_hash_router_needs_token_ids():
     "kw, match",
     [
         (dict(experts_per_token=5), "experts_per_token = 5 exceeds num_experts = 4"),
-        (dict(dispatch="capacity", capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(dispatch="capacity", capacity_factor=0.0), "capacity_factor must be a finite number > 0"),
         (dict(dispatch="sparse"), "dispatch must be one of"),
         (dict(router="nope"), "router must be one of"),
         (dict(expert="moe"), "expert must be one of"),

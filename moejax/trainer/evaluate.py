@@ -111,11 +111,16 @@ class Evaluator:
         model = nnx.merge(self.setup.eval_graphdef, state["params"], self.setup.rng_state,
                           state["rest"])
 
+        # Decoding feeds one token per row: the rows must split over the mesh's token axes.
+        shape = self.setup.mesh.shape
+        multiple = math.prod(shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
+
         def generate(prompts):
             ids = [tok.encode(p, bos=True) for p in prompts]
+            ids += [np.array([tok.bos_id], np.int32)] * (-len(ids) % multiple)  # filler rows
             outs = greedy_generate(model, ids, max_new_tokens=ie.max_new_tokens,
                                    length=self.config.seq_len, eos_id=tok.eos_id, pad_id=tok.pad_id)
-            return [tok.decode(o) for o in outs]
+            return [tok.decode(o) for o in outs[:len(prompts)]]
 
         return {f"eval_exact_match/{family}": instruct_synth.exact_match_accuracy(
             generate, family, ie.num_examples, ie.seed) for family in self.families()}
