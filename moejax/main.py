@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moejax import paths
+
 from moejax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
@@ -20,23 +22,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _config_package_on_path(argv) -> None:
-    """Config files import their package (``experiments.common``): put its parent on ``sys.path``
-    so that ``--config=experiments/<name>.py`` works from any directory."""
-    for arg in argv:
-        if arg.startswith("--config="):
-            directory = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0]))
-            if os.path.exists(os.path.join(directory, "__init__.py")):
-                sys.path.insert(0, os.path.dirname(directory))
-
-
 def _parse_flags(argv):
-    _config_package_on_path(argv)
+    paths.config_package_on_path(argv)
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
     except Exception as error:  # noqa: BLE001 - a missing/broken config file or a bad override
-        message = str(error).strip().splitlines()
-        sys.exit(f"error: {type(error).__name__}: {message[0] if message else error}")
+        sys.exit(f"error: {type(error).__name__}: {paths.error_line(error)}")
 
 
 def main(argv):

@@ -9,9 +9,11 @@ locally first and copied up (:class:`Mirror`).
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 from etils import epath
@@ -95,3 +97,36 @@ def _key(path: epath.Path, root: epath.Path) -> str:
 def _signature(path: epath.Path) -> tuple[int, int]:
     stat = os.stat(os.fspath(path))
     return stat.st_size, stat.st_mtime_ns
+
+
+def config_package_on_path(argv) -> None:
+    """Config files import their package (``experiments.common``, ``experiments.pod.slices``): put
+    the directory above the outermost package holding ``--config`` on ``sys.path``, so that
+    ``--config=experiments/<name>.py`` works from any directory."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            directory = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0]))
+            if not os.path.exists(os.path.join(directory, "__init__.py")):
+                continue
+            while os.path.exists(os.path.join(os.path.dirname(directory), "__init__.py")):
+                directory = os.path.dirname(directory)
+            sys.path.insert(0, os.path.dirname(directory))
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error: the message's first line, or the last line of a traceback it
+    embeds (ml_collections wraps a config file's own error in one)."""
+    text = error.args[0] if (isinstance(error, KeyError) and error.args
+                             and isinstance(error.args[0], str)) else str(error)
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's quoted repr
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            pass
+    lines = [line.strip().strip("'") for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return " ".join(lines)

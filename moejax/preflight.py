@@ -473,10 +473,16 @@ def main(argv=None) -> int:
                                         "TPU slice, e.g. v5p:2x4x4 or v5e:16x16.")
     mfu_flag = flags.DEFINE_float("target_mfu", 0.4, "Model FLOPs utilisation to estimate at.")
     flags.mark_flags_as_required(["config", "topology"])
+    from moejax.paths import config_package_on_path
+
+    argv = sys.argv if argv is None else argv
+    config_package_on_path(argv)
     try:
-        flags.FLAGS(sys.argv if argv is None else argv)
+        flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from moejax.paths import error_line
+
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     try:
         report = run(config_flag.value, topology_flag.value, target_mfu=mfu_flag.value)

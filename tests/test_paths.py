@@ -69,3 +69,14 @@ def test_a_remote_mirror_fetches_then_uploads_only_what_changed(bucket):
 
     mirror.close()
     assert not os.path.exists(local)
+
+
+def test_error_line_gives_one_line_for_a_config_error():
+    from moejax.paths import error_line
+
+    wrapped = ValueError("flag --config=x.py: Error whilst parsing config file:\n\nTraceback (most "
+                         "recent call last):\n  File \"x.py\", line 3\nValueError: bad slice")
+    assert error_line(wrapped) == "flag --config=x.py: Error whilst parsing config file: ValueError: bad slice"
+    assert error_line(KeyError("'seq_lenn'\nDid you mean \"seq_len\"?")) == (
+        'seq_lenn Did you mean "seq_len"?')
+    assert error_line(ValueError("plain message")) == "plain message"

@@ -20,15 +20,9 @@ On a slice (``slice`` = v5p-64 | v6e-256 | v5e-256; the topology is in experimen
 ``vocab_size`` fixes the embedding size (the preflight uses it and never reads the tokenizer file).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "moejax_pod_slices", os.path.join(os.path.dirname(os.path.abspath(__file__)), "slices.py"))
-slices = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(slices)
+from experiments.pod import slices
 
 # mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice.
 LAYOUTS = {

@@ -1,8 +1,7 @@
 """Mixtral-8x7B-like (Jiang et al. 2024): 32 layers, d_model 4096, 32 heads, 8 SwiGLU experts of
 width 14,336 in every layer, top-2 Mixtral routing (softmax over the two chosen logits) with a
-load-balancing loss; 32,000-entry vocabulary. Mixtral's attention is grouped-query (8 key/value
-heads); this model's attention is standard multi-head, so the config has 47.5B parameters (Mixtral:
-46.7B) and 13.7B active per token (embeddings included). bf16 compute, f32 parameters, remat and
+load-balancing loss; 32,000-entry vocabulary; grouped-query attention with 8 key/value heads, as
+Mixtral's: 46.7B parameters, 12.9B active per token (embeddings included). bf16 compute, f32 parameters, remat and
 scanned layers; C4 (``c4/en``).
 
 Preflight on any machine (compiles the step for the slice and says whether it fits):
@@ -19,15 +18,9 @@ On a slice (``slice`` = v5p-64 | v6e-256 | v5e-256; the topology is in experimen
 ``vocab_size`` fixes the embedding size (the preflight uses it and never reads the tokenizer file).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "moejax_pod_slices", os.path.join(os.path.dirname(os.path.abspath(__file__)), "slices.py"))
-slices = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(slices)
+from experiments.pod import slices
 
 # mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice: the
 # experts over ``expert``, their D over ``fsdp``; on v5e (16 GiB) F, heads and vocabulary split too.
@@ -48,7 +41,8 @@ def get_config(arg=None):
     config.seq_len = 4096
     config.num_train_steps = 100_000
     config.seed = 0
-    config.model = dict(d_model=4096, num_layers=32, num_heads=32, d_ff=14336, moe_every=1,
+    config.model = dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
+                        moe_every=1,
                         activation="silu", rope_base=1_000_000.0, dtype="bfloat16",
                         param_dtype="float32", remat=True, scan_layers=True)
     config.moe = dict(num_experts=8, experts_per_token=2, d_ff=14336, router="mixtral",

@@ -5,6 +5,8 @@ A slice is named by its Cloud TPU accelerator type (``tpu_scripts/create.sh --ac
 count TensorCores (two per chip), v5e and v6e count chips.
 """
 
+from experiments import common as experiments_common
+
 SLICES = {
     "v5p-64": dict(topology="v5p:2x4x4", chips=32, runtime="v2-alpha-tpuv5"),
     "v6e-256": dict(topology="v6e:16x16", chips=256, runtime="v2-alpha-tpuv6e"),
@@ -14,14 +16,7 @@ SLICES = {
 
 def parse(arg, name, defaults):
     """``"key=value,key=value"`` over ``defaults``; ``slice`` must name one of :data:`SLICES`."""
-    args = dict(defaults)
-    if arg:
-        for part in arg.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or key not in defaults:
-                raise ValueError(f"{name}: unknown config argument {part!r}; known: "
-                                 f"{sorted(defaults)}")
-            args[key] = value
+    args = experiments_common.parse_arg(arg, defaults, name)
     if args["slice"] not in SLICES:
         raise ValueError(f"{name}: slice={args['slice']!r} is not one of {sorted(SLICES)}")
     return args

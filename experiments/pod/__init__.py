@@ -1,0 +1,1 @@
+"""Pod-scale experiment configs (``--config=experiments/pod/<name>.py:slice=...``) and their slices."""
