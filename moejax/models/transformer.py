@@ -466,7 +466,7 @@ class Transformer(nnx.Module):
                 x_BxLxD, aux = run(block, x_BxLxD, tokens_BxL, key, token_mask)
                 if aux is not None:
                     auxes.append(aux)
-            auxes = _stack_aux(auxes)
+            auxes = stack_aux(auxes)
         return self._logits(x_BxLxD), auxes
 
     def _logits(self, x_BxLxD):
@@ -562,7 +562,7 @@ class Transformer(nnx.Module):
                 vs.append(layer_kv.v)
                 if layer_aux is not None:
                     auxes.append(layer_aux)
-            k, v, aux = jnp.stack(ks), jnp.stack(vs), _stack_aux(auxes)
+            k, v, aux = jnp.stack(ks), jnp.stack(vs), stack_aux(auxes)
         cache = KVCache(k, v, valid_BxS, cache.index + length)
         return self._logits(x_BxLxD), aux, cache
 
@@ -604,7 +604,8 @@ def _run_block(block, x_BxLxD, tokens_BxL, key, token_mask_BxL):
     return block(x_BxLxD, tokens_BxL, key, token_mask_BxL)
 
 
-def _stack_aux(auxes) -> LMAux:
+def stack_aux(auxes) -> LMAux:
+    """MoE layers' aux summed (losses) and stacked per layer (metrics); empty when there is none."""
     if not auxes:
         return LMAux({}, {})
     losses = {name: sum(aux.losses[name] for aux in auxes) for name in auxes[0].losses}
@@ -613,15 +614,22 @@ def _stack_aux(auxes) -> LMAux:
     return LMAux(losses, metrics)
 
 
-def count_params(config: TransformerConfig) -> dict[str, int]:
-    """Parameter counts: ``total``, ``active`` (k of E experts per token), ``embedding`` (embed + head)."""
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+def param_counts(model: nnx.Module, moe: MoEConfig | None) -> dict[str, int]:
+    """``total`` parameters of a model (abstract or real) and ``active`` ones: k of E experts."""
     total = active = 0
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         size = value.get_value().size
         total += size
-        if "experts" in path and config.moe is not None:
-            size = size * config.moe.experts_per_token // config.moe.num_experts
+        if "experts" in path and moe is not None:
+            size = size * moe.experts_per_token // moe.num_experts
         active += size
+    return {"total": total, "active": active}
+
+
+def count_params(config: TransformerConfig) -> dict[str, int]:
+    """Parameter counts: ``total``, ``active`` (k of E experts per token), ``embedding`` (embed + head)."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    counts = param_counts(model, config.moe)
+    total, active = counts["total"], counts["active"]
     embedding = (1 if config.tie_embeddings else 2) * config.vocab_size * config.d_model
     return {"total": total, "active": active, "embedding": embedding}

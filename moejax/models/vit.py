@@ -22,7 +22,7 @@ metrics per MoE layer (``aux.metrics["tokens_per_expert"]`` is ``[num_moe_layers
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from moejax.layers.config import MoEConfig
 from moejax.layers.moe import MoE
 from moejax.layers.params import param
 from moejax.ops import dispatch as dispatch_ops
+from moejax.models.transformer import LMAux, param_counts, stack_aux
 from moejax.ops.ffn import ACTIVATION_FNS, ffn
 
 
@@ -109,15 +110,8 @@ def vmoe_config(d_model: int, d_ff: int, num_experts: int, *, experts_per_token:
                      **overrides)
 
 
-class ViTAux(NamedTuple):
-    """MoE losses summed over layers (``losses``) and routing metrics stacked per MoE layer."""
-
-    losses: dict[str, jax.Array]
-    metrics: dict[str, jax.Array]
-
-    @property
-    def total_loss(self) -> jax.Array:
-        return sum(self.losses.values(), jnp.zeros((), jnp.float32))
+# The same as the language model's: losses summed over MoE layers, metrics stacked per layer.
+ViTAux = LMAux
 
 
 def patchify(images_BxHxWxC: jax.Array, patch_size: int) -> jax.Array:
@@ -240,7 +234,7 @@ class ViT(nnx.Module):
                 auxes.append(aux)
         pooled_BxD = jnp.mean(self.final_norm(x_BxNxD).astype(jnp.float32), axis=1)
         logits_BxC = pooled_BxD @ self.head[...].astype(jnp.float32)
-        return logits_BxC, _stack_aux(auxes)
+        return logits_BxC, stack_aux(auxes)
 
     def moe_layers(self) -> list[MoE]:
         """The MoE layers, first to last."""
@@ -283,23 +277,6 @@ class ViT(nnx.Module):
         return found
 
 
-def _stack_aux(auxes) -> ViTAux:
-    if not auxes:
-        return ViTAux({}, {})
-    losses = {name: sum(aux.losses[name] for aux in auxes) for name in auxes[0].losses}
-    metrics = {name: jnp.stack([aux.metrics[name] for aux in auxes])
-               for name in auxes[0].metrics}
-    return ViTAux(losses, metrics)
-
-
 def count_params(config: ViTConfig) -> dict[str, int]:
     """Parameter counts: ``total`` and ``active`` (k of E experts per patch)."""
-    model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
-    total = active = 0
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        size = value.get_value().size
-        total += size
-        if "experts" in path and config.moe is not None:
-            size = size * config.moe.experts_per_token // config.moe.num_experts
-        active += size
-    return {"total": total, "active": active}
+    return param_counts(nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0))), config.moe)
