@@ -131,7 +131,9 @@ def greedy_generate(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
         # Prompt buffers in steps of 16 tokens: few distinct shapes, so few compilations.
         width = min(length - 1, -(-int(lengths_B.max()) // 16) * 16)
         tokens_BxP, mask_BxP = pad_prompts(prompts, length=width, pad_id=pad_id)
-        steps = min(max_new_tokens, length - int(lengths_B.min()))
+        # Not a function of the shortest prompt: one compilation per (batch, width); tokens past a
+        # row's end of buffer (``length - start``) are cut below.
+        steps = min(max_new_tokens, length - 1)
         new_BxN = np.asarray(generate(model, tokens_BxP, mask_BxP, max_new_tokens=steps))
         rows = [new_BxN[row, : min(max_new_tokens, length - start)]
                 for row, start in enumerate(lengths_B)]
