@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from moejax.data import digits_images
-from moejax.data.pipeline import load_builder
+from moejax.data.pipeline import load_builder, process_batches
 
 # Pixel value that maps to 1.0, per dataset base name (uint8 images: 255).
 _MAX_VALUES = {"digits_images": digits_images.MAX_VALUE}
@@ -100,13 +100,9 @@ def create_image_iterator(name: str, *, split: str, batch_size: int, seed: int =
                 "labels": np.int32(record[label_key])}
 
     rows = grain.MapDataset.source(builder.as_data_source(split=split))
-    if shuffle:
-        rows = rows.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    rows = rows.repeat(num_epochs)
-    global_batch_size = batch_size * process_count
-    if num_epochs is not None:
-        rows = rows[: len(rows) // global_batch_size * global_batch_size]
-    chunks = rows.map(make_row).batch(batch_size, drop_remainder=True)
+    chunks, global_batch_size = process_batches(rows, make_row, batch_size=batch_size, seed=seed,
+                                                shuffle=shuffle, num_epochs=num_epochs,
+                                                process_count=process_count)
     fingerprint = ImageFingerprint(name, split, global_batch_size, seed, shuffle, num_epochs)
     return ImageIterator(chunks[process_index::process_count], fingerprint, num_classes,
                          image_shape)

@@ -386,6 +386,26 @@ def _check_positive(value, argument: str) -> None:
         raise ValueError(f"{argument} must be a positive integer, got {value!r}")
 
 
+def process_batches(rows: grain.MapDataset, make_row, *, batch_size: int, seed: int,
+                    shuffle: bool, num_epochs: int | None,
+                    process_count: int) -> tuple[grain.MapDataset, int]:
+    """``(chunks, global_batch_size)``: ``rows`` shuffled (a fresh permutation per epoch), repeated,
+    cut to whole global batches when finite, mapped by ``make_row`` and batched per process.
+
+    Batch k of ``chunks`` is rows ``[k * batch_size, (k + 1) * batch_size)``: global batch
+    ``k // process_count``, rows of process ``k % process_count`` (take
+    ``chunks[process_index::process_count]``).
+    """
+    if shuffle:
+        # Mixing the seed makes the permutations of nearby seeds unrelated (grain uses seed + epoch).
+        rows = rows.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    rows = rows.repeat(num_epochs)
+    global_batch_size = batch_size * process_count
+    if num_epochs is not None:
+        rows = rows[: len(rows) // global_batch_size * global_batch_size]
+    return rows.map(make_row).batch(batch_size, drop_remainder=True), global_batch_size
+
+
 def create_iterator(
     name: str,
     *,
@@ -461,16 +481,9 @@ def create_iterator(
         rows = grain.MapDataset.source(packed)
         make_row = _text_row
 
-    if shuffle:
-        # Mixing the seed makes the permutations of nearby seeds unrelated (grain uses seed + epoch).
-        rows = rows.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    rows = rows.repeat(num_epochs)
-    global_batch_size = batch_size * process_count
-    if num_epochs is not None:
-        rows = rows[: len(rows) // global_batch_size * global_batch_size]
-    # Batch k of `chunks` is rows [k * batch_size, (k + 1) * batch_size): global batch k // process_count,
-    # rows of process k % process_count.
-    chunks = rows.map(make_row).batch(batch_size, drop_remainder=True)
+    chunks, global_batch_size = process_batches(rows, make_row, batch_size=batch_size, seed=seed,
+                                                shuffle=shuffle, num_epochs=num_epochs,
+                                                process_count=process_count)
     fingerprint = _Fingerprint(
         name, split, seq_len, global_batch_size, seed, shuffle, num_epochs, text_key, tokenizer.name
     )
