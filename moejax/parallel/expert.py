@@ -13,7 +13,8 @@ only the weight gradients are reduced (``shard_map``'s transpose sums them over 
    so the copies for each shard are contiguous.
 2. Copies are packed into a fixed ``[ep, C, D]`` send buffer (row block ``s`` for shard ``s``) and
    exchanged with one ``all_to_all``; the per-expert counts go along in a tiny second one.
-3. The receiver sorts what it got by expert (keeping global expert ids) and runs the FFN with
+3. The receiver orders what it got by expert (each source's rows arrive in expert order, so their
+   positions follow from the counts: no sort) and runs the FFN with
    ``gmm(..., group_offset=shard * E/ep)`` on its ``[E/ep, D, F]`` weights. With a ``tensor`` axis
    the hidden dimension F is split too and the output is summed over it (Megatron-style).
 4. The reverse ``all_to_all`` returns every output to the slot its copy left from; ``unpermute``
@@ -162,6 +163,98 @@ def _grouped(experts: ExpertFFN, x_RxD, group_sizes_E, group_offset, hidden_axes
     return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 
 
+def _pack(x_PxD, rows_SxC, valid_SxC):
+    """Send buffers: slot ``(s, c)`` holds row ``rows[s, c]`` of ``x`` where valid, else 0."""
+    rows_SxC = jnp.minimum(rows_SxC, x_PxD.shape[0] - 1)
+    return jnp.where(valid_SxC[..., None], dispatch_ops._rows(x_PxD, rows_SxC),
+                     jnp.zeros((), x_PxD.dtype))
+
+
+def _unpack(y_SxCxD, slot_P, sent_P):
+    """Row ``p`` of the result is the flattened slot ``slot[p]`` of ``y`` where sent, else 0."""
+    num_shards, capacity, d = y_SxCxD.shape
+    y_SCxD = y_SxCxD.reshape(num_shards * capacity, d)
+    return jnp.where(sent_P[:, None], dispatch_ops._rows(y_SCxD, slot_P),
+                     jnp.zeros((), y_SxCxD.dtype))
+
+
+# Packing the sorted rows into send buffers and unpacking returned buffers into sorted rows move
+# each sent row to exactly one slot and back: each is the other's transpose. As custom VJPs both
+# directions are gathers; autodiff of a gather would instead give a scatter-add with repeated
+# (clamped) indices, which the TPU compiler sorts and expands into code that grows with the number
+# of rows (about 2 MB and 4 s of compile time per buffer at 16K rows of 256 bf16).
+@jax.custom_vjp
+def _to_shards(x_PxD, rows_SxC, valid_SxC, slot_P, sent_P):
+    return _pack(x_PxD, rows_SxC, valid_SxC)
+
+
+def _to_shards_fwd(x_PxD, rows_SxC, valid_SxC, slot_P, sent_P):
+    return _pack(x_PxD, rows_SxC, valid_SxC), (slot_P, sent_P)
+
+
+def _to_shards_bwd(residuals, d_SxCxD):
+    slot_P, sent_P = residuals
+    return _unpack(d_SxCxD, slot_P, sent_P), None, None, None, None
+
+
+_to_shards.defvjp(_to_shards_fwd, _to_shards_bwd)
+
+
+@jax.custom_vjp
+def _from_shards(y_SxCxD, rows_SxC, valid_SxC, slot_P, sent_P):
+    return _unpack(y_SxCxD, slot_P, sent_P)
+
+
+def _from_shards_fwd(y_SxCxD, rows_SxC, valid_SxC, slot_P, sent_P):
+    return _unpack(y_SxCxD, slot_P, sent_P), (rows_SxC, valid_SxC)
+
+
+def _from_shards_bwd(residuals, d_PxD):
+    rows_SxC, valid_SxC = residuals
+    return _pack(d_PxD, rows_SxC, valid_SxC), None, None, None, None
+
+
+_from_shards.defvjp(_from_shards_fwd, _from_shards_bwd)
+
+
+def _received_copies(recv_counts_SxL, capacity, num_experts, offset):
+    """The stable sort by expert of the ``[S·C]`` received rows, computed without a sort.
+
+    Source ``s`` sent ``counts[s, l]`` rows for local expert ``l``, already in expert order, in
+    slots ``c < sum_l counts[s, l]``; the other slots are padding. Sorted by (expert, s, c), row
+    ``(s, c)`` of local expert ``l`` lands at (rows of experts before ``l``) + (rows of ``l`` from
+    sources before ``s``) + (its rank among ``l``'s rows from ``s``); padding follows every group,
+    in row order. The same :class:`SortedCopies` as ``sort_copies`` of the rows' expert ids (padding
+    as unassigned), without a sort of ``S·C`` keys, which the TPU compiler emits as code that grows
+    with the number of rows.
+    """
+    num_shards, experts_local = recv_counts_SxL.shape
+    ends_SxL = jnp.cumsum(recv_counts_SxL, axis=1)
+    starts_SxL = ends_SxL - recv_counts_SxL
+    totals_S = ends_SxL[:, -1]
+    slots_C = jnp.arange(capacity, dtype=jnp.int32)
+    # Slot c of source s holds local expert searchsorted(ends[s], c) (experts_local for padding).
+    local_SxC = jax.vmap(lambda ends: jnp.searchsorted(ends, slots_C, side="right"))(
+        ends_SxL).astype(jnp.int32)
+    valid_SxC = slots_C[None, :] < totals_S[:, None]
+    per_expert_L = jnp.sum(recv_counts_SxL, axis=0)
+    first_L = jnp.cumsum(per_expert_L) - per_expert_L
+    earlier_sources_SxL = jnp.cumsum(recv_counts_SxL, axis=0) - recv_counts_SxL
+    shift_SxL = first_L[None, :] + earlier_sources_SxL - starts_SxL
+    shift_SxC = jnp.take_along_axis(shift_SxL, jnp.minimum(local_SxC, experts_local - 1), axis=1)
+    padding_S = capacity - totals_S
+    padding_before_S = jnp.cumsum(padding_S) - padding_S
+    padding_at_SxC = (jnp.sum(per_expert_L) + padding_before_S[:, None]
+                      + slots_C[None, :] - totals_S[:, None])
+    inverse_R = jnp.where(valid_SxC, shift_SxC + slots_C[None, :], padding_at_SxC).reshape(-1)
+    num_rows = inverse_R.shape[0]
+    order_R = jnp.zeros((num_rows,), jnp.int32).at[inverse_R].set(
+        jnp.arange(num_rows, dtype=jnp.int32), unique_indices=True)
+    group_sizes_E = jax.lax.dynamic_update_slice(
+        jnp.zeros((num_experts,), jnp.int32), per_expert_L.astype(jnp.int32), (offset,))
+    return dispatch_ops.SortedCopies(order_R, inverse_R, group_sizes_E)
+
+
 def _exchange(sorted_x_TKxD, group_sizes_E, capacity, ep, expert_axis, run_experts):
     """Sends the expert-sorted copies to their shards, runs the experts there, brings outputs back."""
     num_copies, d = sorted_x_TKxD.shape
@@ -172,31 +265,22 @@ def _exchange(sorted_x_TKxD, group_sizes_E, capacity, ep, expert_axis, run_exper
     slots_C = jnp.arange(capacity, dtype=jnp.int32)
     rows_SxC = start_S[:, None] + slots_C[None, :]
     valid_SxC = slots_C[None, :] < send_S[:, None]
-    send_SxCxD = jnp.where(valid_SxC[..., None],
-                           sorted_x_TKxD[jnp.minimum(rows_SxC, num_copies - 1)],
-                           jnp.zeros((), sorted_x_TKxD.dtype))
-    recv_SxCxD = jax.lax.all_to_all(send_SxCxD, expert_axis, 0, 0, tiled=True)
-    recv_counts_SxL = jax.lax.all_to_all(counts_SxL, expert_axis, 0, 0, tiled=True)
-
-    # The rows from each source are sorted by expert: slot j of source s is local expert
-    # searchsorted(cumsum(counts[s]), j).
-    recv_ends_SxL = jnp.cumsum(recv_counts_SxL, axis=1)
-    local_expert_SxC = jax.vmap(lambda ends, j: jnp.searchsorted(ends, j, side="right"),
-                                in_axes=(0, None))(recv_ends_SxL, slots_C).astype(jnp.int32)
-    recv_valid_SxC = slots_C[None, :] < recv_ends_SxL[:, -1:]
-    y_SxCxD = run_experts(recv_SxCxD.reshape(ep * capacity, d),
-                          local_expert_SxC.reshape(ep * capacity, 1),
-                          recv_valid_SxC.reshape(ep * capacity, 1)).reshape(ep, capacity, d)
-    back_SxCxD = jax.lax.all_to_all(y_SxCxD, expert_axis, 0, 0, tiled=True)
-
-    # Sorted copy p went to shard s_p = expert_p // experts_local, slot p - start[s_p].
+    # Sorted copy p goes to shard s_p = expert_p // experts_local, slot p - start[s_p].
     rows_P = jnp.arange(num_copies, dtype=jnp.int32)
     expert_P = jnp.searchsorted(jnp.cumsum(group_sizes_E), rows_P, side="right").astype(jnp.int32)
-    assigned_P = expert_P < group_sizes_E.shape[0]
+    sent_P = expert_P < group_sizes_E.shape[0]
     shard_P = jnp.minimum(expert_P // experts_local, ep - 1)
-    slot_P = jnp.clip(rows_P - start_S[shard_P], 0, capacity - 1)
-    return jnp.where(assigned_P[:, None], back_SxCxD[shard_P, slot_P],
-                     jnp.zeros((), back_SxCxD.dtype))
+    slot_P = shard_P * capacity + jnp.clip(rows_P - start_S[shard_P], 0, capacity - 1)
+    sorted_x_TKxD, *routes = dispatch_ops._varying_as_all(sorted_x_TKxD, rows_SxC, valid_SxC,
+                                                          slot_P, sent_P)
+    send_SxCxD = _to_shards(sorted_x_TKxD, *routes)
+    recv_SxCxD = jax.lax.all_to_all(send_SxCxD, expert_axis, 0, 0, tiled=True)
+    recv_counts_SxL = jax.lax.all_to_all(counts_SxL, expert_axis, 0, 0, tiled=True)
+    y_SxCxD = run_experts(recv_SxCxD.reshape(ep * capacity, d), recv_counts_SxL,
+                          capacity).reshape(ep, capacity, d)
+    back_SxCxD = jax.lax.all_to_all(y_SxCxD, expert_axis, 0, 0, tiled=True)
+    back_SxCxD, *routes = dispatch_ops._varying_as_all(back_SxCxD, *routes)
+    return _from_shards(back_SxCxD, *routes)
 
 
 def dropless_expert_parallel(
@@ -248,11 +332,11 @@ def dropless_expert_parallel(
         offset = jnp.zeros((), jnp.int32) if expert_axis is None else (
             jax.lax.axis_index(expert_axis) * experts_local).astype(jnp.int32)
 
-        def run_experts(x_RxD, local_expert_Rx1, valid_Rx1):
-            sorted_x, copies = dispatch_ops.permute(x_RxD, local_expert_Rx1 + offset,
-                                                    num_experts, valid_Rx1)
+        def run_experts(x_RxD, recv_counts_SxL, capacity):
+            copies = _received_copies(recv_counts_SxL, capacity, num_experts, offset)
+            sorted_x = dispatch_ops.permute_sorted(x_RxD, copies, 1)
             sorted_y = ffn(local_experts, sorted_x, copies.group_sizes_E, offset)
-            ones_Rx1 = jnp.ones(valid_Rx1.shape, jnp.float32)
+            ones_Rx1 = jnp.ones((x_RxD.shape[0], 1), jnp.float32)
             return dispatch_ops.unpermute(sorted_y, copies, ones_Rx1, sorted_y.dtype)
 
         local_experts = experts.with_weights(w_in, w_up, w_out)
