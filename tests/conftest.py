@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, strict rank and dtype promotion, before anything imports jax."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +9,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Several pytest workers compile for TPU ahead of time; libtpu otherwise lets one process load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One persistent compilation cache for every test process (pytest-xdist workers and the trainer's
+# subprocesses): programs compiled once (a smoke model's train step, a layer's VJP) are loaded, not
+# compiled again, by the next test that builds them. Keyed by the program, the compile options and
+# the jaxlib version, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"moejax-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
