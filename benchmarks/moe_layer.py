@@ -27,6 +27,7 @@ time; process CPU time medians too (they move less when other processes share th
     python benchmarks/moe_layer.py --quick               # small shapes, seconds
     python benchmarks/moe_layer.py --tokens 8192 --experts 8 64 --cases dense_ffn dropless
     python benchmarks/moe_layer.py --order-effect        # why the old dense baseline was slow
+    python benchmarks/moe_layer.py --summary             # the targets, under two allocators
 """
 
 from __future__ import annotations
@@ -174,10 +175,13 @@ def _peak_bytes(fn, *args):
 
 
 def _timed(fn, params, x):
+    """Wall and CPU seconds and minor page faults of one call, right after an untimed call."""
     jax.block_until_ready(fn(params, x))  # untimed: the case's own memory state
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall, cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(params, x))
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
@@ -188,14 +192,15 @@ def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
     for name, (fn, params) in cases.items():
         for _ in range(2):
             jax.block_until_ready(fn(params, x))  # compile, then one run
-        rows[name] = {"wall": [], "cpu": [], "peak_bytes": _peak_bytes(fn, params, x)}
+        rows[name] = {"wall": [], "cpu": [], "faults": [], "peak_bytes": _peak_bytes(fn, params, x)}
     order = list(cases)
     for r in range(repeats):
         for name in order[r % len(order):] + order[:r % len(order)]:
             fn, params = cases[name]
-            wall, cpu = _timed(fn, params, x)
+            wall, cpu, faults = _timed(fn, params, x)
             rows[name]["wall"].append(wall)
             rows[name]["cpu"].append(cpu)
+            rows[name]["faults"].append(faults)
     load_after = os.getloadavg()[0]
     base = rows.get("dense_ffn")
     out = []
@@ -207,9 +212,72 @@ def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
             "ratio_to_dense_ffn": wall / statistics.median(base["wall"]) if base else None,
             "cpu_ratio_to_dense_ffn": cpu / statistics.median(base["cpu"]) if base else None,
             "peak_mib": row["peak_bytes"] / 2**20, "times": row["wall"],
+            "page_faults": statistics.median(row["faults"]),
             "load_before": load_before, "load_after": load_after,
         })
     return out
+
+
+# The summary (the issue's targets) is measured under two allocators, each in its own process:
+# glibc's default, and glibc with transparent huge pages for its large blocks. XLA:CPU takes every
+# call's outputs and temporaries from malloc; glibc serves blocks this large with fresh mmaps, so
+# each call faults its memory in again, 4 KiB at a time by default (2-3 µs a page on this VM), or
+# 2 MiB at a time with huge pages. The tunable changes nothing else, for every case alike.
+ALLOCATORS = (("glibc default", None), ("glibc, huge pages", "glibc.malloc.hugetlb=1"))
+SUMMARY_CASES = ("dense_ffn", "balanced einsum", "dropless", "capacity cf=1.0")
+
+
+def _transparent_hugepages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def summary(repeats, out):
+    """T = 8192, E = 8 and 64, relu and gelu: the dense FFN, the experts alone, dropless and
+    capacity 1.0, once per allocator (a child process each). Writes ``moe_layer_summary.json``."""
+    import subprocess
+    import sys
+    import tempfile
+
+    runs = []
+    for name, tunables in ALLOCATORS:
+        env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "rows.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--summary-child", path,
+                            "--repeats", str(repeats)], env=env, check=True)
+            with open(path) as fh:
+                rows = json.load(fh)
+        runs.append({"allocator": name, "glibc_tunables": tunables, "results": rows})
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "transparent_hugepage": _transparent_hugepages(), "d_model": 512, "d_ff": 512, "k": 2,
+            "repeats": repeats}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "moe_layer_summary.json"), "w") as fh:
+        json.dump({"meta": meta, "runs": runs}, fh, indent=1)
+    print(f"wrote {os.path.join(out, 'moe_layer_summary.json')}")
+
+
+def _summary_child(path, repeats):
+    print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    rows = []
+    for activation in ACTIVATIONS:
+        for num_experts in (8, 64):
+            for row in measure(SUMMARY_CASES, 8192, num_experts, 512, 512, 2, activation,
+                               repeats):
+                rows.append(row)
+                print(f"{activation:>4} E={num_experts:<3} {row['case']:<16} {row['seconds']:.4f} s"
+                      f"  x dense {row['ratio_to_dense_ffn']:.2f}  cpu x dense "
+                      f"{row['cpu_ratio_to_dense_ffn']:.2f}  faults {row['page_faults']:.0f}",
+                      flush=True)
+    with open(path, "w") as fh:
+        json.dump(rows, fh)
 
 
 def order_effect(repeats, num_tokens=8192, num_experts=64, d=512, f=512, k=2, activation="gelu"):
@@ -323,7 +391,17 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
                         help="folder for the JSON and the plot (with --tokens/--experts/--cases, "
                              "only printed unless given)")
+    parser.add_argument("--summary", action="store_true",
+                        help="only the targets' table (T = 8192, E = 8 and 64) under both "
+                             "allocators (results/moe_layer_summary.json)")
+    parser.add_argument("--summary-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.summary_child:
+        _summary_child(args.summary_child, args.repeats)
+        return
+    if args.summary:
+        summary(args.repeats, args.out)
+        return
     if args.order_effect:
         result = order_effect(args.repeats)
         result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

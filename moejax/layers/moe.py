@@ -434,7 +434,9 @@ class MoE(nnx.Module):
             y_TxD = y_TxD + self.shared(x_TxD.astype(compute_dtype)).astype(jnp.float32)
         # Shared experts run on every row (static shapes); a masked token's output is 0 all the same.
         y_TxD = zero_masked(y_TxD, token_mask_T)
-        losses = {name: getattr(c, LOSS_WEIGHT_FIELDS[name]) * value
+        # A loss of weight 0 is exactly 0, and not computed: ``0 * value`` would keep the loss and
+        # its backward in the program (XLA cannot drop a product with 0, which is NaN for inf).
+        losses = {name: _weighted(getattr(c, LOSS_WEIGHT_FIELDS[name]), value)
                   for name, value in routing.aux_losses.items()}
         metrics = dict(routing.metrics, dropped_fraction=dropped_fraction)
         y_TxD = constrain(y_TxD, ("batch", "embed"))
@@ -501,6 +503,11 @@ class MoE(nnx.Module):
                 f"update_router_bias needs router='deepseek_v3', got {self.config.router!r}"
             )
         self.router.bias[...] = R.update_bias(self.router.bias[...], tokens_per_expert, rate)
+
+
+def _weighted(weight: float, loss: jax.Array) -> jax.Array:
+    """``weight * loss``; exactly 0 for a weight of 0 (the loss is then left out of the program)."""
+    return weight * loss if weight else jnp.zeros(jnp.shape(loss), jnp.result_type(loss))
 
 
 def _maybe_remat(fn, remat: bool):
