@@ -5,7 +5,8 @@
 Each (config, slice) runs ``python -m moejax.preflight`` in its own process (the TPU compiler's
 memory is returned between runs) at full depth and width. Writes the table to
 ``benchmarks/results/preflight.md`` (a row per run, also for runs that fail, with the reason) and
-the full reports to ``benchmarks/results/preflight.txt``.
+the full reports to ``benchmarks/results/preflight.txt``, after every run; the rows and reports of
+runs not repeated (other ``--configs`` / ``--slices``) are kept.
 """
 
 from __future__ import annotations
@@ -60,10 +61,15 @@ def one(config, slice_name, topology, timeout):
     total = _field(r"total\s+([\d.]+ GiB of\s+[\d.]+ GiB HBM \(\d+%\))", out)
     fits = "yes" if done.returncode == 0 else "**no**"
     total = re.sub(r"\s+", " ", total)
-    collective = _field(r"^  total\s+([\d.]+ GiB)", out)
+    collective = _field(r"^  total\s+([\d.]+ GiB)\s*$", out)
     row = (f"| {config} | {slice_name} ({topology}) | {compile_s} | {state:.2f} GiB | {temps} | "
            f"{total} | {collective} | {fits} |")
     return row, out
+
+
+HEADER = ["| config | slice (topology) | train step compile | params + optimizer / device | "
+          "temporaries / device | total / device vs HBM | collectives sent / device / step | fits |",
+          "|---|---|---|---|---|---|---|---|"]
 
 
 def main():
@@ -74,21 +80,48 @@ def main():
     args = parser.parse_args()
     slices = _slices()
     names = args.slices.split(",") if args.slices else list(slices)
-    rows = ["| config | slice (topology) | train step compile | params + optimizer / device | "
-            "temporaries / device | total / device vs HBM | collectives sent / device / step | "
-            "fits |", "|---|---|---|---|---|---|---|---|"]
-    reports = []
+    # Runs not repeated now keep their earlier row and report.
+    rows, reports = _read()
     for config in args.configs.split(","):
         for name in names:
             row, report = one(config, name, slices[name]["topology"], args.timeout)
             print(row, flush=True)
-            rows.append(row)
-            reports.append(f"## {config} on {name}\n\n{report}\n")
+            rows[(config, name)] = row
+            reports[(config, name)] = f"## {config} on {name}\n\n{report}\n"
+            _write(rows, reports, list(slices))  # after every run: an interrupted sweep keeps it
+
+
+def _paths():
     results = os.path.join(ROOT, "benchmarks", "results")
-    with open(os.path.join(results, "preflight.md"), "w") as f:
-        f.write("\n".join(rows) + "\n")
-    with open(os.path.join(results, "preflight.txt"), "w") as f:
-        f.write("\n".join(reports))
+    return os.path.join(results, "preflight.md"), os.path.join(results, "preflight.txt")
+
+
+def _read():
+    md, txt = _paths()
+    rows, reports = {}, {}
+    if os.path.exists(md):
+        for line in open(md).read().splitlines()[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) > 2:
+                rows[(cells[0], cells[1].split(" ")[0])] = line
+    if os.path.exists(txt):
+        for part in re.split(r"^(?=## )", open(txt).read(), flags=re.M):
+            if m := re.match(r"## (\S+) on (\S+)", part):
+                reports[(m.group(1), m.group(2))] = part.rstrip("\n") + "\n"
+    return rows, reports
+
+
+def _write(rows, reports, slice_order):
+    def order(key):
+        config, name = key
+        return (CONFIGS.index(config) if config in CONFIGS else len(CONFIGS), config,
+                slice_order.index(name) if name in slice_order else len(slice_order))
+
+    md, txt = _paths()
+    with open(md, "w") as f:
+        f.write("\n".join(HEADER + [rows[k] for k in sorted(rows, key=order)]) + "\n")
+    with open(txt, "w") as f:
+        f.write("\n".join(reports[k] for k in sorted(reports, key=order)))
 
 
 if __name__ == "__main__":

@@ -475,6 +475,12 @@ def main():
         "logic on CPU in interpret mode.",
         "",
     ]
+    # Written by hand from tests/test_tpu_compile.py and benchmarks/preflight.py (its table is
+    # results/preflight.md): kept as it is.
+    tpu = os.path.join(RESULTS, "tpu_compile.md")
+    if os.path.exists(tpu):
+        with open(tpu) as fh:
+            lines += ["", fh.read().rstrip(), ""]
     with open(os.path.join(HERE, "RESULTS.md"), "w") as fh:
         fh.write("\n".join(lines))
     print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")

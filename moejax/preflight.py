@@ -186,6 +186,24 @@ _CALLEE = re.compile(
     r"(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"\bs32\[\](?:\{[^}]*\})? constant\((\d+)\)")
+
+
+def _trip_count(line: str, computations: dict[str, list[str]]) -> int | None:
+    """A while loop's trip count: XLA's ``known_trip_count``, else (the TPU compiler's HLO has no
+    such annotation) ``N`` when the loop condition is ``counter < constant(N)``, the form of every
+    ``scan`` and ``fori_loop``, whose counter starts at 0."""
+    if m := _TRIP_COUNT.search(line):
+        return int(m.group(1))
+    if " while(" not in line or not (m := re.search(r"condition=%?([\w.\-]+)", line)):
+        return None
+    body = computations.get(m.group(1), [])
+    constants = [c for text in body for c in _CONSTANT.findall(text)]
+    roots = [text for text in body if text.lstrip().startswith("ROOT")]
+    if (len(constants) == 1 and len(roots) == 1 and " compare(" in roots[0]
+            and "direction=LT" in roots[0]):
+        return int(constants[0])
+    return None
 
 
 def _executions(hlo_text: str) -> dict[str, int]:
@@ -209,10 +227,10 @@ def _executions(hlo_text: str) -> dict[str, int]:
             return
         runs[name] = times
         for line in computations[name]:
-            trips = _TRIP_COUNT.search(line)
+            trips = _trip_count(line, computations)
             for kind, callee in _CALLEE.findall(line):
                 loop = kind in ("body", "condition") and trips is not None
-                visit(callee, times * int(trips.group(1)) if loop else times)
+                visit(callee, times * trips if loop else times)
             if m := _BRANCHES.search(line):
                 for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
                     visit(callee, times)

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from moejax import parallel, preflight
+from moejax.parallel.hlo import collectives
 from moejax.models.transformer import Transformer
 
 pytestmark = pytest.mark.dtype_promotion("standard")  # optax's update rules promote implicitly
@@ -144,6 +145,68 @@ def test_collectives_in_a_scanned_loop_count_once_per_iteration():
 def test_of_a_conditionals_branches_only_the_cheapest_counts():
     found = preflight.collective_bytes(HLO, num_devices=4)
     assert found["all-to-all"] == {"count": 12, "bytes": 12 * 64 * 128 * 2 * 3 / 4}
+
+
+# The TPU compiler's form: no known_trip_count; the loop condition compares with a constant. The
+# slow branch exchanges in rounds: a loop of 4 whose body holds a conditional of its own.
+HLO_TPU = """\
+HloModule step
+
+%fast (p: bf16[64,128]) -> bf16[64,128] {
+  ROOT %a2a.fast = bf16[64,128]{1,0} all-to-all(bf16[64,128]{1,0} %p), replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%run_round (p: bf16[64,128]) -> bf16[64,128] {
+  ROOT %a2a.round = bf16[64,128]{1,0} all-to-all(bf16[64,128]{1,0} %p), replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%skip_round (p: bf16[64,128]) -> bf16[64,128] {
+  ROOT %z = bf16[64,128]{1,0} broadcast(bf16[] %zero), dimensions={}
+}
+
+%round_body (c: (s32[], bf16[64,128])) -> (s32[], bf16[64,128]) {
+  %y = bf16[64,128]{1,0} conditional(pred[] %q, bf16[64,128] %a, bf16[64,128] %b), branch_computations={%skip_round, %run_round}
+  ROOT %t = (s32[], bf16[64,128]) tuple(%i, %y)
+}
+
+%round_cond (c: (s32[], bf16[64,128])) -> pred[] {
+  %four = s32[]{:T(128)} constant(4)
+  %i = s32[]{:T(128)} get-tuple-element(%c), index=0
+  ROOT %lt = pred[]{:T(512)} compare(s32[]{:T(128)} %i, s32[]{:T(128)} %four), direction=LT
+}
+
+%rounds (p: bf16[64,128]) -> bf16[64,128] {
+  %r = (s32[], bf16[64,128]) while((s32[], bf16[64,128]) %init), condition=%round_cond, body=%round_body
+  ROOT %out = bf16[64,128]{1,0} get-tuple-element(%r), index=1
+}
+
+%layer_body (c: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %choice = bf16[64,128]{1,0} conditional(pred[] %q, bf16[64,128] %y, bf16[64,128] %z), branch_computations={%fast, %rounds}
+  ROOT %t = (s32[], f32[1024]) tuple(%i, %x)
+}
+
+%layer_cond (c: (s32[], f32[1024])) -> pred[] {
+  %sixteen = s32[]{:T(128)} constant(16)
+  %i = s32[]{:T(128)} get-tuple-element(%c), index=0
+  ROOT %lt = pred[]{:T(512)} compare(s32[]{:T(128)} %i, s32[]{:T(128)} %sixteen), direction=LT
+}
+
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  ROOT %loop = (s32[], f32[1024]) while((s32[], f32[1024]) %init), condition=%layer_cond, body=%layer_body
+}
+"""
+
+
+def test_a_loop_without_a_trip_count_annotation_counts_its_condition_constant():
+    # 16 layers, each taking the fast branch: 3/4 of 16 KiB per layer.
+    found = preflight.collective_bytes(HLO_TPU, num_devices=4)
+    assert found["all-to-all"] == {"count": 16, "bytes": 16 * 64 * 128 * 2 * 3 / 4}
+
+
+def test_a_conditional_inside_a_branch_belongs_to_the_outer_branch():
+    branches = {c.name: c.branch for c in collectives(HLO_TPU, 4)}
+    assert branches["a2a.fast"].endswith("/0") and branches["a2a.round"].endswith("/1")
+    assert branches["a2a.fast"].rsplit("/", 1)[0] == branches["a2a.round"].rsplit("/", 1)[0]
 
 
 # --------------------------------------------------------------------------- one real compile

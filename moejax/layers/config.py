@@ -90,8 +90,8 @@ class MoEConfig:
     gmm_interpret: bool | None = None
     remat: bool = False
     # Expert parallelism: all-to-all buffers hold this many times the average per-shard load; a step
-    # that would overflow them switches to worst-case buffers (nothing is dropped). None: always
-    # worst case.
+    # that would overflow them exchanges in several rounds of these buffers (nothing is dropped).
+    # None: one exchange with worst-case buffers (every local copy to one shard).
     ep_exchange_factor: float | None = 2.0
     # Which axes of the host's mesh hold the experts, split the tokens and split F
     # (``moejax.parallel.MeshRoles``); None: from the active logical-axis rules.

@@ -2,7 +2,8 @@
 
 :func:`collectives` lists every all-to-all, all-gather, all-reduce, reduce-scatter and
 collective-permute with its result size, its replica-group size and the branch of the
-``conditional`` it runs in (expert parallelism's exchange has a fast and a worst-case branch).
+outermost ``conditional`` it runs in (expert parallelism's exchange has a fast branch and one that
+exchanges in rounds).
 ``sent_bytes`` is what one device sends under the usual ring/pairwise algorithms:
 ``(n-1)/n`` of the buffer for all-to-all and all-gather, twice that for all-reduce, ``(n-1)`` times
 the result for reduce-scatter, the whole buffer for collective-permute.
@@ -73,23 +74,33 @@ def collectives(hlo_text: str, num_devices: int | None = None) -> list[Collectiv
         elif current is not None:
             computations[current].append(line)
 
-    # Which conditional branch (if any) each computation runs in, following calls into it.
+    # The outermost conditional branch (if any) each computation runs in, following calls from the
+    # computations nothing calls (the entry) down: a conditional inside a branch (the exchange
+    # rounds of an overflowing expert-parallel step) is part of that branch.
+    # Per computation: (computation it calls, the "<conditional>/<index>" label when it is a branch).
+    callees: dict[str, list[tuple[str, str | None]]] = {}
+    for name, lines in computations.items():
+        calls = []
+        for line in lines:
+            calls += [(callee, None) for callee in _CALLED.findall(line)]
+            if m := _BRANCHES.search(line):
+                cond = line.split("=")[0].strip().lstrip("%")
+                calls += [(callee, f"{cond}/{i}") for i, callee in
+                          enumerate(re.findall(r"%?([\w.\-]+)", m.group(1)))]
+        callees[name] = calls
+    called = {callee for calls in callees.values() for callee, _ in calls}
     branch_of: dict[str, str] = {}
 
     def mark(name: str, label: str) -> None:
         if name in branch_of or name not in computations:
             return
         branch_of[name] = label
-        for line in computations[name]:
-            for callee in _CALLED.findall(line):
-                mark(callee, label)
+        for callee, branch in callees[name]:
+            mark(callee, label or branch or "")
 
-    for lines in computations.values():
-        for line in lines:
-            if m := _BRANCHES.search(line):
-                cond = line.split("=")[0].strip().lstrip("%")
-                for i, callee in enumerate(re.findall(r"%?([\w.\-]+)", m.group(1))):
-                    mark(callee, f"{cond}/{i}")
+    for name in computations:
+        if name not in called:
+            mark(name, "")
     found = []
     for name, lines in computations.items():
         for line in lines:

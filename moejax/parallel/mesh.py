@@ -73,7 +73,8 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all devices of all processes).
 
     One axis may be ``-1``: it takes the devices the others leave. The product of the sizes must equal
-    the number of devices.
+    the number of devices. On a TPU slice the axes follow its physical torus; where no product of
+    them matches a physical axis (fsdp=32, expert=8 on 16x16), a mesh axis may split one.
     """
     if unknown_axes:
         raise ValueError(
@@ -101,8 +102,16 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
             f"make_mesh: {_describe(sizes)} needs {total} devices, but {len(devices)} are available"
         )
     shape = tuple(int(sizes[name]) for name in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A TPU slice whose physical axes no product of mesh axes matches (fsdp=32, expert=8 on a
+        # 16x16 torus): mesh axes may then split a physical axis (expert=8 within a row of 16).
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _describe(sizes: dict[str, int]) -> str:
