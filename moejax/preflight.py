@@ -357,6 +357,17 @@ def model_flops_per_token(model_config) -> float:
 
 def run(config, topology: str, *, target_mfu: float = 0.4, eval_step: bool = True) -> Report:
     """Compiles ``config``'s train (and eval) step for ``topology``; returns the numbers."""
+    # Programs compiled for a topology without its chips cannot be loaded back from JAX's persistent
+    # compilation cache (there is no client to load them into): writing them there only wastes space.
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _run(config, topology, target_mfu=target_mfu, eval_step=eval_step)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def _run(config, topology: str, *, target_mfu: float, eval_step: bool) -> Report:
     chip = chip_of(topology)
     config, vocab_size = _trainer_config(config)
     model_config = _model_config(config, vocab_size)

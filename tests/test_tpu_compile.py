@@ -26,6 +26,16 @@ import moejax
 from moejax import parallel
 from moejax.ops import gmm, tgmm
 
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache():
+    """Programs compiled for a topology without its chips cannot be read back from the persistent
+    compilation cache (tests/conftest.py): none are written."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
 # The smallest slice of each generation; the programs run on its first chip.
 CHIPS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
