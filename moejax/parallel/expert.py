@@ -188,38 +188,23 @@ def _unpack(y_SxCxD, slot_P, sent_P):
 # directions are gathers; autodiff of a gather would instead give a scatter-add with repeated
 # (clamped) indices, which the TPU compiler sorts and expands into code that grows with the number
 # of rows (about 2 MB and 4 s of compile time per buffer at 16K rows of 256 bf16).
-@jax.custom_vjp
-def _to_shards(x_PxD, rows_SxC, valid_SxC, slot_P, sent_P):
-    return _pack(x_PxD, rows_SxC, valid_SxC)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _move(to_shards, x, rows_SxC, valid_SxC, slot_P, sent_P):
+    """``to_shards``: sorted rows [P, D] into send buffers [S, C, D]; else returned buffers back."""
+    return _pack(x, rows_SxC, valid_SxC) if to_shards else _unpack(x, slot_P, sent_P)
 
 
-def _to_shards_fwd(x_PxD, rows_SxC, valid_SxC, slot_P, sent_P):
-    return _pack(x_PxD, rows_SxC, valid_SxC), (slot_P, sent_P)
+def _move_fwd(to_shards, x, *index):
+    return _move(to_shards, x, *index), index
 
 
-def _to_shards_bwd(residuals, d_SxCxD):
-    slot_P, sent_P = residuals
-    return _unpack(d_SxCxD, slot_P, sent_P), None, None, None, None
+def _move_bwd(to_shards, index, d):
+    return (_move(not to_shards, d, *index),) + (None,) * len(index)
 
 
-_to_shards.defvjp(_to_shards_fwd, _to_shards_bwd)
-
-
-@jax.custom_vjp
-def _from_shards(y_SxCxD, rows_SxC, valid_SxC, slot_P, sent_P):
-    return _unpack(y_SxCxD, slot_P, sent_P)
-
-
-def _from_shards_fwd(y_SxCxD, rows_SxC, valid_SxC, slot_P, sent_P):
-    return _unpack(y_SxCxD, slot_P, sent_P), (rows_SxC, valid_SxC)
-
-
-def _from_shards_bwd(residuals, d_PxD):
-    rows_SxC, valid_SxC = residuals
-    return _pack(d_PxD, rows_SxC, valid_SxC), None, None, None, None
-
-
-_from_shards.defvjp(_from_shards_fwd, _from_shards_bwd)
+_move.defvjp(_move_fwd, _move_bwd)
+_to_shards = functools.partial(_move, True)
+_from_shards = functools.partial(_move, False)
 
 
 def _received_copies(recv_counts_SxL, capacity, num_experts, offset):
