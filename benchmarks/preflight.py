@@ -12,7 +12,6 @@ runs not repeated (other ``--configs`` / ``--slices``) are kept.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -24,11 +23,11 @@ CONFIGS = ("olmoe_1b_7b", "mixtral_8x7b", "deepseek_v3_small")
 
 
 def _slices():
-    spec = importlib.util.spec_from_file_location(
-        "pod_slices", os.path.join(ROOT, "experiments", "pod", "slices.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SLICES
+    if ROOT not in sys.path:  # the pod configs are a package of the repository
+        sys.path.insert(0, ROOT)
+    from experiments.pod.slices import SLICES
+
+    return SLICES
 
 
 def _field(pattern, text, default="—"):

@@ -22,10 +22,11 @@ import ml_collections
 
 from experiments.pod import slices
 
-# mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice: the
+# mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice (on
+# v5p-64, 128 sequences need 103 GiB per device, over the 95 GiB HBM; 64 fit): the
 # experts over ``expert``, their D over ``fsdp``; on v5e (16 GiB) F, heads and vocabulary split too.
 LAYOUTS = {
-    "v5p-64": (dict(data=1, fsdp=4, expert=8, tensor=1), 128),
+    "v5p-64": (dict(data=1, fsdp=4, expert=8, tensor=1), 64),
     "v6e-256": (dict(data=1, fsdp=32, expert=8, tensor=1), 256),
     "v5e-256": (dict(data=1, fsdp=16, expert=8, tensor=2), 256),
 }
