@@ -22,13 +22,14 @@ import ml_collections
 
 from experiments.pod import slices
 
-# mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice (on
-# v5p-64, 128 sequences need 103 GiB per device, over the 95 GiB HBM; 64 fit): the
+# mesh (data, fsdp, expert, tensor) and global batch (sequences of 4096 tokens) per slice: the
 # experts over ``expert``, their D over ``fsdp``; on v5e (16 GiB) F, heads and vocabulary split too.
+# The batches are what the preflight says fits: on v5p-64, 128 sequences need 103 GiB per device
+# (95 GiB HBM), 64 need 71.5; on v5e-256, 256 need 21.1 GiB (16 GiB HBM), 128 need 15.4.
 LAYOUTS = {
     "v5p-64": (dict(data=1, fsdp=4, expert=8, tensor=1), 64),
     "v6e-256": (dict(data=1, fsdp=32, expert=8, tensor=1), 256),
-    "v5e-256": (dict(data=1, fsdp=16, expert=8, tensor=2), 256),
+    "v5e-256": (dict(data=1, fsdp=16, expert=8, tensor=2), 128),
 }
 
 
