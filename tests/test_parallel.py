@@ -331,3 +331,60 @@ def test_tokens_not_divisible_by_the_token_axes_are_rejected_by_the_layer():
         with pytest.raises(ValueError, match=r"12 tokens are not divisible by the token mesh axes "
                                              r"\('data', 'fsdp', 'expert'\) of total size 8"):
             model(jnp.zeros((3, 4, D)))
+
+
+def test_received_copies_equal_the_sort_by_expert_of_the_received_rows():
+    """The receiver's order from the counts alone equals ``sort_copies`` of the rows' expert ids."""
+    from moejax.ops import dispatch as dispatch_ops
+    from moejax.parallel.expert import _received_copies
+
+    rng = np.random.default_rng(0)
+    num_sources, experts_local, capacity, num_experts, offset = 4, 3, 7, 12, 6
+    for _ in range(5):
+        counts = np.zeros((num_sources, experts_local), np.int32)
+        for s in range(num_sources):  # each source sends at most ``capacity`` rows, some none
+            total = rng.integers(0, capacity + 1)
+            counts[s] = np.bincount(rng.integers(0, experts_local, total),
+                                    minlength=experts_local)
+        ids, valid = [], []
+        for s in range(num_sources):  # rows arrive in expert order, then padding
+            row = np.repeat(offset + np.arange(experts_local), counts[s])
+            ids += list(row) + [0] * (capacity - len(row))
+            valid += [True] * len(row) + [False] * (capacity - len(row))
+        want = dispatch_ops.sort_copies(jnp.asarray(ids, jnp.int32)[:, None], num_experts,
+                                        assigned_TxK=jnp.asarray(valid)[:, None])
+        got = _received_copies(jnp.asarray(counts), capacity, num_experts, jnp.int32(offset))
+        for name in ("order_TK", "inverse_TK", "group_sizes_E"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "pallas_tpu", "pallas_gpu"])
+def test_exchange_in_rounds_gives_the_single_exchanges_values_and_gradients(backend):
+    """Every copy to expert shard 0 overflows exchange_factor=0.5's buffers: the layer exchanges in
+    rounds. Values and gradients equal one worst-case exchange (exchange_factor=None), per backend."""
+    num_tokens = 32
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (num_tokens, D))
+    w_in = jax.random.normal(keys[1], (E, D, F)) / 3
+    w_out = jax.random.normal(keys[2], (E, F, D)) / 4
+    indices, weights = _routing_to(np.tile([[0, 1]], (num_tokens, 1)), num_tokens)
+
+    def loss(x, w_in, w_out, factor):
+        experts = ExpertFFN(w_in, w_out, activation="gelu", gmm_backend=backend)
+        y = parallel.dropless_expert_parallel(x, indices, weights, experts,
+                                              exchange_factor=factor)
+        return jnp.sum(y ** 2), y
+
+    results = {}
+    with parallel.use_mesh(parallel.make_mesh(data=2, expert=4)):
+        for factor in (0.5, None):
+            grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                           static_argnums=3)
+            results[factor] = grad(x, w_in, w_out, factor)
+    (_, y_rounds), grads_rounds = results[0.5]
+    (_, y_once), grads_once = results[None]
+    np.testing.assert_allclose(np.asarray(y_rounds), _numpy_moe(x, indices, weights, w_in, w_out),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_rounds), np.asarray(y_once), rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads_rounds, grads_once):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
