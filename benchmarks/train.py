@@ -84,7 +84,8 @@ class _Runner:
                                                 seed=self.config.seed,
                                                 data_dir=self.config.data_dir,
                                                 text_key=self.config.text_key,
-                                                tokenizer=self.setup.tokenizer)
+                                                tokenizer=self.setup.tokenizer,
+                                                stream=self.config.stream_data)
             self.batches = [parallel.shard_batch(next(iterator), self.mesh)
                             for _ in range(num_batches)]
             self.step = jit_train_step(self.setup)

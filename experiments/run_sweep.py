@@ -170,7 +170,8 @@ def balance_statistics(config, workdir: str) -> dict:
         batches = data_lib.create_iterator(config.dataset, split="validation", seed=config.seed,
                                            shuffle=False, seq_len=config.seq_len,
                                            batch_size=config.batch_size, data_dir=config.data_dir,
-                                           text_key=config.text_key, tokenizer=setup.tokenizer)
+                                           text_key=config.text_key, tokenizer=setup.tokenizer,
+                                           stream=config.stream_data)
         per_batch: dict[str, list[float]] = {}
         for i in range(BALANCE_BATCHES):
             try:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import threading
+import time
 
 import jax
 import numpy as np
@@ -410,3 +411,211 @@ def test_instruct_synth_needs_room_for_its_longest_example(data_dir):
 def test_process_index_out_of_range_raises(data_dir):
     with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
         _iterator(data_dir, process_index=2, process_count=2)
+
+
+# ------------------------------------------------------------------------------------------- streamed
+
+
+def _documents(data_dir, split):
+    """The split's texts (bytes) in stored order."""
+    source = data.load_builder(SMALL, data_dir).as_data_source(split=split)
+    return [bytes(source[i]["text"]) for i in range(len(source))]
+
+
+def _byte_ids(text):
+    """Byte ids with the document's EOS: byte b -> b + 3, EOS = 2."""
+    return np.concatenate([np.frombuffer(text, np.uint8).astype(np.int32) + 3, [2]])
+
+
+def _windows_of(batches):
+    """Each row's ``seq_len + 1`` tokens, after checking that targets are inputs shifted by one."""
+    windows = []
+    for batch in batches:
+        assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+        assert batch["weights"].dtype == np.float32
+        np.testing.assert_array_equal(batch["weights"], 1.0)
+        np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+        windows += [np.concatenate([i, t[-1:]]) for i, t in zip(batch["inputs"], batch["targets"])]
+    return windows
+
+
+def _streamed(data_dir, **kwargs):
+    return _iterator(data_dir, stream=True, **kwargs)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "sentencepiece"])
+@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 3), (2, 3)])
+def test_streamed_rows_are_windows_of_the_process_documents(data_dir, sp, sp_model, tokenizer,
+                                                            process_index, process_count,
+                                                            monkeypatch):
+    seq_len, batch_size = 64, 4
+    monkeypatch.setattr(pipeline, "STREAM_BLOCK_DOCS", 2)  # batches span blocks
+    if tokenizer == "byte":
+        encode, kwargs = _byte_ids, {}
+    else:
+        reference = sentencepiece.SentencePieceProcessor(model_proto=sp_model)
+
+        def encode(text):
+            return np.array([*reference.encode(text.decode()), reference.eos_id()], np.int32)
+
+        kwargs = {"tokenizer": sp}
+    texts = _documents(data_dir, "train")[process_index::process_count]  # unshuffled: p, p + n, ...
+    stream = np.concatenate([encode(t) for t in texts])
+    batches = list(_streamed(data_dir, seq_len=seq_len, batch_size=batch_size, shuffle=False,
+                             num_epochs=1, process_index=process_index,
+                             process_count=process_count, **kwargs))
+    # The last partial window and partial batch are dropped.
+    assert len(batches) == (len(stream) - 1) // seq_len // batch_size
+    windows = _windows_of(batches)
+    for w, window in enumerate(windows):
+        np.testing.assert_array_equal(window, stream[w * seq_len : w * seq_len + seq_len + 1])
+
+
+def test_a_streamed_shuffled_epoch_over_three_processes_reads_every_document_once(data_dir):
+    seq_len, process_count = 32, 3
+    documents = _documents(data_dir, "train")
+    remaining, tails, orders = list(documents), [], []
+    for p in range(process_count):
+        windows = _windows_of(_streamed(data_dir, seq_len=seq_len, batch_size=1, seed=4,
+                                        num_epochs=1, process_index=p, process_count=process_count))
+        stream = np.concatenate([windows[0]] + [w[1:] for w in windows[1:]])
+        # Token t is byte t - 3; EOS (2) becomes 0xFF, which UTF-8 text never holds.
+        *complete, tail = (stream - 3).astype(np.uint8).tobytes().split(b"\xff")
+        for text in complete:
+            remaining.remove(text)  # fails on a document read twice or not in the split
+        orders.append(complete)
+        tails.append(tail)
+    # What is left: each process's last document, cut short by the dropped partial window (fewer
+    # than seq_len tokens), and nothing else.
+    assert len(remaining) <= process_count
+    for tail in tails:
+        assert any(text.startswith(tail) for text in remaining)
+    unseen = sum(len(text) + 1 for text in remaining) - sum(len(tail) for tail in tails)
+    assert 0 <= unseen < process_count * seq_len
+    assert orders != [documents[p::process_count][: len(o)] for p, o in enumerate(orders)]
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "sentencepiece"])
+def test_a_restored_streamed_state_continues_with_the_same_batches(data_dir, sp, tokenizer,
+                                                                  monkeypatch):
+    monkeypatch.setattr(pipeline, "STREAM_BLOCK_DOCS", 3)
+    kwargs = {"tokenizer": sp} if tokenizer == "sentencepiece" else {}
+    iterator = _streamed(data_dir, seed=3, process_index=1, process_count=2, **kwargs)
+    _take(iterator, 3)
+    state = iterator.get_state()
+    assert json.loads(state)["position"]["offset"] > 0  # mid-document
+    expected = _take(iterator, 4)
+    resumed = _streamed(data_dir, seed=3, process_index=1, process_count=2, **kwargs)
+    resumed.set_state(state)
+    _assert_same_batches(_take(resumed, 4), expected)
+
+
+def test_streamed_states_restore_anywhere_across_an_epoch_boundary(data_dir):
+    def iterator():
+        return _streamed(data_dir, split="validation", seq_len=256, batch_size=4, seed=5,
+                         num_epochs=2, process_index=0, process_count=2)
+
+    uninterrupted = iterator()
+    states, batches = [uninterrupted.get_state()], []
+    for batch in uninterrupted:
+        batches.append(batch)
+        states.append(uninterrupted.get_state())
+    positions = [json.loads(s)["position"] for s in states]
+    docs_per_epoch = len(range(0, len(_documents(data_dir, "validation")), 2))
+    crossing = next(k for k, p in enumerate(positions) if p["document"] >= docs_per_epoch)
+    assert 0 < crossing < len(batches)
+    assert any(p["offset"] > 0 for p in positions)
+    resumed = iterator()
+    for k in sorted({1, crossing - 2, crossing - 1, crossing, len(batches) // 2, len(batches) - 1}):
+        resumed.set_state(states[k])  # the same iterator, moved back and forth
+        _assert_same_batches(_take(resumed, min(3, len(batches) - k)), batches[k : k + 3])
+    resumed.set_state(states[-1])
+    with pytest.raises(StopIteration):
+        next(resumed)
+    fresh = iterator()
+    fresh.set_state(states[crossing - 1])
+    _assert_same_batches(list(fresh), batches[crossing - 1 :])
+
+
+class _CountingSource:
+    """A data source that records the indices read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.source[index]
+
+    def __getitems__(self, indices):
+        self.read += list(indices)
+        return self.source.__getitems__(indices)
+
+
+def test_streaming_reads_only_the_documents_it_packs_and_writes_no_cache(data_dir, sp, tmp_path,
+                                                                         monkeypatch):
+    block = 2
+    monkeypatch.setattr(pipeline, "STREAM_BLOCK_DOCS", block)
+    sources = []
+    load_builder = pipeline.load_builder
+
+    def counting_builder(name, data_dir=None):
+        builder = load_builder(name, data_dir)
+        as_data_source = builder.as_data_source
+
+        def counting(**kwargs):
+            sources.append(_CountingSource(as_data_source(**kwargs)))
+            return sources[-1]
+
+        monkeypatch.setattr(builder, "as_data_source", counting)
+        return builder
+
+    def whole_split(*args, **kwargs):
+        raise AssertionError("the whole split was read")
+
+    monkeypatch.setattr(pipeline, "load_builder", counting_builder)
+    monkeypatch.setattr(pipeline, "_doc_lengths", whole_split)
+    monkeypatch.setattr(pipeline, "token_stream", whole_split)
+    # Unshuffled, the first batch (4 * 32 + 1 tokens) needs the documents up to `needed`.
+    lengths = np.cumsum([len(text) + 1 for text in _documents(data_dir, "train")])
+    needed = int(np.searchsorted(lengths, 4 * 32 + 1)) + 1
+    bound = (-(-needed // block) + 1) * block  # those documents' blocks and one block read ahead
+    assert bound < len(lengths) // 2
+    cache_dir = tmp_path / "cache"
+    for tokenizer in ("byte", sp):
+        iterator = _streamed(data_dir, shuffle=False, tokenizer=tokenizer, cache_dir=str(cache_dir))
+        assert sources[-1].read == []  # creating the iterator reads nothing
+        next(iterator)
+        assert len(sources[-1].read) <= bound and set(sources[-1].read) <= set(range(bound))
+        for _ in range(100):  # the block after the batch's is read ahead, in the background
+            if len(sources[-1].read) == bound:
+                break
+            time.sleep(0.05)
+        assert sources[-1].read == list(range(bound))
+    assert not cache_dir.exists() or not os.listdir(cache_dir)
+
+
+def test_a_streamed_state_restores_only_onto_the_same_process_split_and_mode(data_dir):
+    state = _streamed(data_dir, process_index=0, process_count=2).get_state()
+    assert json.loads(state)["pipeline"]["stream"] is True
+    with pytest.raises(ValueError, match="process_count: saved 2, now 3"):
+        _streamed(data_dir, batch_size=2, process_index=0, process_count=3).set_state(state)
+    with pytest.raises(ValueError, match="process_index: saved 0, now 1"):
+        _streamed(data_dir, process_index=1, process_count=2).set_state(state)
+    with pytest.raises(ValueError, match=r"saved by the streamed pipeline \(stream=True\), not the "
+                                         r"indexed one"):
+        _iterator(data_dir, process_index=0, process_count=2).set_state(state)
+    indexed = _iterator(data_dir, process_index=0, process_count=2).get_state()
+    with pytest.raises(ValueError, match=r"saved by the indexed pipeline \(stream=False\), not the "
+                                         r"streamed one"):
+        _streamed(data_dir, process_index=0, process_count=2).set_state(indexed)
+    with pytest.raises(ValueError, match="not a DataIterator state"):
+        _streamed(data_dir).set_state(b"garbage")
+
+
+def test_streaming_instruct_synth_is_refused_naming_stream(data_dir):
+    with pytest.raises(ValueError, match=r"stream=True packs text documents; 'instruct_synth' is not"):
+        _streamed(data_dir, name="instruct_synth", seq_len=127)

@@ -52,6 +52,7 @@ def test_pod_configs_are_valid_trainer_configs_laid_out_for_their_slice(name, sl
     assert model_config.remat and model_config.scan_layers
     assert model_config.moe.gmm_backend == "pallas_tpu" and model_config.moe.gmm_interpret is False
     assert config.dataset == "c4/en"
+    assert completed.stream_data is True  # c4 is read as a stream, never tokenized in full first
     assert math.prod(config.mesh.values()) == _slices()[slice_name]["chips"]
     batch_parts = config.mesh["data"] * config.mesh["fsdp"] * config.mesh["expert"]
     assert config.batch_size % batch_parts == 0

@@ -436,6 +436,42 @@ def test_a_sentencepiece_run_sizes_the_model_to_its_vocabulary_and_resumes(tmp_p
     jax.tree.map(np.testing.assert_array_equal, restore_raw(str(workdir), 3), saved)
 
 
+def test_stream_data_streams_the_trainers_data_and_resumes_from_the_streamed_state(tmp_path,
+                                                                                   monkeypatch):
+    import base64
+    import json
+
+    from moejax import data
+
+    calls = []
+    create_iterator = data.create_iterator
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return create_iterator(*args, **kwargs)
+
+    monkeypatch.setattr(data, "create_iterator", recording)
+    config = smoke_config("moe=False", dataset="stdlib_text/small", data_dir=str(tmp_path / "tfds"),
+                          stream_data=True, num_train_steps=2, checkpoint_every_steps=1,
+                          eval_every_steps=2)
+    config.model.num_layers = 1  # one dense layer: compiles fast
+    workdir = tmp_path / "run"
+    summary = trainer.run(config, str(workdir))
+    assert summary["step"] == 2 and np.isfinite(summary["train_loss"])
+    assert [(c["split"], c["stream"]) for c in calls] == [("train", True), ("validation", True)]
+    state = base64.b64decode((workdir / "checkpoints" / "2" / "data" / "process_0-of-1.b64")
+                             .read_bytes())
+    assert json.loads(state)["pipeline"]["stream"] is True
+    # Resuming from step 1 sets the streamed state and trains step 2 again, bit for bit.
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    resumed = trainer.run(config, str(workdir))
+    assert resumed["step"] == 2 and resumed["train_loss"] == summary["train_loss"]
+    # A run may not switch between streamed and indexed data.
+    config.stream_data = False
+    with pytest.raises(ValueError, match="stream_data: True -> False"):
+        trainer.run(config, str(workdir))
+
+
 # ---------------------------------------------------------------------- bad input
 
 

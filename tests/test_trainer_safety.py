@@ -150,6 +150,21 @@ def test_resume_with_a_changed_config_is_refused_and_touches_nothing(finished_ru
     assert snapshot(finished_run) == before
 
 
+def test_a_key_added_to_the_schema_since_the_run_started_counts_as_its_default(tmp_path):
+    from etils import epath
+
+    from moejax.trainer import workdir as workdir_lib
+
+    config = trainer.complete_config(smoke_config())
+    saved = config.to_dict()
+    del saved["stream_data"]  # a config.json written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    workdir_lib.check_config_unchanged(epath.Path(tmp_path), config, resuming=True)
+    streamed = trainer.complete_config(smoke_config(stream_data=True))
+    with pytest.raises(ValueError, match=r"stream_data: False -> True; these keys fix"):
+        workdir_lib.check_config_unchanged(epath.Path(tmp_path), streamed, resuming=True)
+
+
 def test_allow_new_config_accepts_a_new_learning_rate(finished_run):
     config = smoke_config()  # already trained to step 6: restores, trains nothing
     config.optimizer.learning_rate = 0.5

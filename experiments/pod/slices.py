@@ -29,6 +29,7 @@ def common(config, slice_name, *, mesh, batch_size):
     config.train_split = "train"
     config.eval_split = "validation"
     config.data_dir = None  # TFDS default; on a pod pass --config.data_dir=gs://BUCKET/tfds
+    config.stream_data = True  # tokenize c4's 365M documents as they are read, not all before step 0
     config.mesh = dict(mesh)
     config.batch_size = batch_size
     config.optimizer = dict(learning_rate=4e-4, warmup_steps=2000, end_learning_rate_ratio=0.1,

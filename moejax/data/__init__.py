@@ -10,6 +10,8 @@ state = it.get_state()        # bytes; it.set_state(state) resumes exactly
 tok = moejax.data.get_tokenizer("sentencepiece:/path/to/spm.model")   # or "byte", "hf:.../tokenizer.json"
 it = moejax.data.create_iterator("c4/en", data_dir="/mnt/tfds", split="train", seq_len=2048,
                                  batch_size=8, tokenizer=tok)
+it = moejax.data.create_iterator("c4/en", data_dir="/mnt/tfds", split="train", seq_len=2048,
+                                 batch_size=8, tokenizer=tok, stream=True)  # no pre-read, no cache
 ```
 
 Train a SentencePiece model on any dataset: ``python -m moejax.data.train_tokenizer --dataset=stdlib_text
@@ -20,6 +22,7 @@ from moejax.data import instruct_synth, stdlib_text
 from moejax.data.pipeline import (
     DEFAULT_DATA_DIR,
     DataIterator,
+    StreamedText,
     available_datasets,
     create_iterator,
     default_cache_dir,
@@ -53,6 +56,7 @@ __all__ = [
     "DataIterator",
     "HuggingFaceTokenizer",
     "SentencePieceTokenizer",
+    "StreamedText",
     "Tokenizer",
     "available_datasets",
     "create_iterator",

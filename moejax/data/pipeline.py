@@ -24,10 +24,24 @@ of each global batch. Hence the global batch at step ``s`` does not depend on th
 the processes' rows are disjoint, and the iterator state (the step) can be restored on any number of
 processes with the same global batch size. The batches are a pure function of the arguments and the
 prepared data: reader threads and the process split do not change them.
+
+Streamed mode (``stream=True``, text datasets; :class:`StreamedText`), for splits too large to read in full
+before the first step (``c4/en``'s 365M documents; the pod configs use it): nothing reads the whole split
+and nothing is cached. The document indices are a lazy sequence (:func:`document_order`: shuffled with
+grain's index shuffle, repeated ``num_epochs`` times, every ``process_count``-th from ``process_index``);
+each process reads its own documents in blocks, tokenizes them as it reads (the next block on a
+background thread) and packs its stream ``doc EOS doc EOS ...`` into windows of ``seq_len + 1`` tokens
+with stride ``seq_len`` as above, ``batch_size`` a batch; with finite ``num_epochs`` its last partial
+window and batch are dropped. The batches are still a pure function of the arguments, but now including
+the process split: a state (the position of the next batch: a document of the process's sequence and a
+token offset in it) resumes only with the same ``process_index`` and ``process_count``. An epoch is one
+pass over the documents, not a permutation of windows.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import fcntl
 import functools
@@ -343,6 +357,15 @@ class _Fingerprint:
     tokenizer: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _StreamFingerprint(_Fingerprint):
+    """A streamed iterator's: its batches also depend on the process split."""
+
+    process_index: int
+    process_count: int
+    stream: bool = True
+
+
 class DataIterator(Iterator[dict[str, np.ndarray]]):
     """Iterator of per-process batches ``{"inputs", "targets": int32 [B, L], "weights": float32 [B, L]}``.
 
@@ -367,23 +390,175 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         return json.dumps(state, sort_keys=True).encode("utf-8")
 
     def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(_checked_state(state, self._fingerprint, "grain"))
+
+
+def _checked_state(state: bytes, fingerprint: _Fingerprint, part: str):
+    """``state[part]`` after checking that ``state`` was saved by an iterator of ``fingerprint``."""
+    try:
+        decoded = json.loads(state)
+        saved = dict(decoded["pipeline"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"state is not a DataIterator state: {e}") from e
+    expected = dataclasses.asdict(fingerprint)
+    saved_stream, now_stream = bool(saved.get("stream", False)), bool(expected.get("stream", False))
+    if saved_stream != now_stream:
+        mode = {True: "streamed", False: "indexed"}
+        raise ValueError(
+            f"state was saved by the {mode[saved_stream]} pipeline (stream={saved_stream}), not the "
+            f"{mode[now_stream]} one of this iterator (stream={now_stream}): resume with the same "
+            "stream setting"
+        )
+    saved.setdefault("tokenizer", BYTE.name)  # states saved before tokenizers were selectable
+    mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if mismatched:
+        detail = ", ".join(f"{k}: saved {s!r}, now {n!r}" for k, (s, n) in mismatched.items())
+        raise ValueError(f"state was saved by a different pipeline ({detail})")
+    try:
+        return decoded[part]
+    except KeyError as e:
+        raise ValueError(f"state is not a DataIterator state: no {part!r}") from e
+
+
+def document_order(num_documents: int, *, seed: int, shuffle: bool, num_epochs: int | None,
+                   process_index: int, process_count: int) -> grain.MapDataset:
+    """A streamed iterator's document indices for one process, lazily (O(1) memory).
+
+    ``range(num_documents)``, shuffled with grain's index shuffle (a fresh permutation per epoch),
+    repeated ``num_epochs`` times (None: forever); the process takes every ``process_count``-th entry
+    from ``process_index`` on.
+    """
+    order = grain.MapDataset.range(num_documents)
+    if shuffle:
+        order = order.shuffle(seed=_shuffle_seed(seed))
+    return order.repeat(num_epochs)[process_index::process_count]
+
+
+# Documents a streamed iterator reads (and tokenizes) per call to the data source.
+STREAM_BLOCK_DOCS = 256
+
+
+class StreamedText(Iterator[dict[str, np.ndarray]]):
+    """Per-process batches packed on the fly from this process's documents (``stream=True``).
+
+    The process's documents (:func:`document_order`) form the stream ``doc EOS doc EOS ...`` of the
+    tokenizer's ids; rows are its windows of ``seq_len + 1`` tokens with stride ``seq_len`` (consecutive
+    rows overlap by one token, as in the indexed mode), ``batch_size`` rows a batch. Documents are read
+    and tokenized in blocks of :data:`STREAM_BLOCK_DOCS`, the next block on a background thread while
+    the current one is consumed (strictly in order, so the batches do not depend on the timing).
+
+    The trade-off against the indexed mode (:class:`DataIterator`): nothing is pre-read or cached, so the
+    first batch comes at once on any dataset (``c4/en``'s 365M documents included) and memory is
+    O(block); but each process packs its own documents, so the batches depend on ``process_count``
+    (a saved state resumes only with the same process split), an epoch is one pass over the documents
+    (not a permutation of windows: rows are shuffled only as far as the document order is) and, with
+    finite ``num_epochs``, each process drops its own last partial window and batch.
+
+    ``get_state()`` is JSON bytes: the fingerprint and the position where the next batch starts,
+    ``{"document": index into this process's document sequence, "offset": token offset inside that
+    document}``; ``set_state`` re-reads (and re-tokenizes) from that document and continues exactly as if
+    uninterrupted.
+    """
+
+    def __init__(self, source, order: grain.MapDataset, *, text_key: str, tokenizer: Tokenizer,
+                 seq_len: int, batch_size: int, fingerprint: _StreamFingerprint):
+        self._source, self._order, self._num_docs = source, order, len(order)
+        self._text_key, self._tokenizer = text_key, tokenizer
+        self._seq_len, self._batch_size = seq_len, batch_size
+        self._fingerprint = fingerprint
+        self._block = STREAM_BLOCK_DOCS
+        # One thread does every read, so the data source and the tokenizer are never used concurrently
+        # (it ends when the iterator is collected).
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moejax-stream")
+        self._seek(0, 0)
+
+    def _seek(self, document: int, offset: int) -> None:
+        """Starts the next batch at token ``offset`` of document ``document`` of the sequence."""
+        self._document, self._offset = document, offset  # the position of the buffer's first token
+        self._buffer: collections.deque[np.ndarray] = collections.deque()  # documents with their EOS
+        self._buffered = 0  # tokens in the buffer
+        self._read_to = document  # the next document to read into the buffer
+        self._pending: concurrent.futures.Future | None = None  # the block from _read_to on
+
+    def _read_block(self, start: int) -> list[np.ndarray]:
+        """Documents ``[start, start + block)`` of the sequence, tokenized, each followed by EOS."""
+        indices = [int(self._order[i]) for i in range(start, min(start + self._block, self._num_docs))]
+        records = self._source.__getitems__(indices)
+        docs = []
+        for ids in self._tokenizer.encode_batch([r[self._text_key] for r in records]):
+            doc = np.empty(len(ids) + 1, np.int32)
+            doc[:-1], doc[-1] = ids, self._tokenizer.eos_id
+            docs.append(doc)
+        return docs
+
+    def _fill(self, need: int) -> bool:
+        """Reads blocks until the buffer holds ``need`` tokens from the position; False at the end."""
+        while self._buffered - self._offset < need:
+            if self._read_to >= self._num_docs:
+                return False
+            if self._pending is None:
+                self._pending = self._executor.submit(self._read_block, self._read_to)
+            block = self._pending.result()
+            self._read_to += len(block)
+            self._pending = None
+            if self._read_to < self._num_docs:  # read ahead while this block is consumed
+                self._pending = self._executor.submit(self._read_block, self._read_to)
+            self._buffer.extend(block)
+            self._buffered += sum(len(doc) for doc in block)
+        return True
+
+    def __iter__(self) -> StreamedText:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        stride = self._batch_size * self._seq_len
+        if not self._fill(stride + 1):
+            raise StopIteration
+        parts, held, start = [], 0, self._offset
+        for doc in self._buffer:
+            parts.append(doc[start : start + stride + 1 - held])
+            held, start = held + len(parts[-1]), 0
+            if held == stride + 1:
+                break
+        tokens_N = np.concatenate(parts)
+        # The next batch starts at this batch's last token (its last window's final target).
+        skip = self._offset + stride
+        while len(self._buffer[0]) <= skip:
+            skip -= len(self._buffer[0])
+            self._buffered -= len(self._buffer.popleft())
+            self._document += 1
+        self._offset = skip
+        rows = [_text_row(tokens_N[b * self._seq_len : (b + 1) * self._seq_len + 1])
+                for b in range(self._batch_size)]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def get_state(self) -> bytes:
+        state = {"pipeline": dataclasses.asdict(self._fingerprint),
+                 "position": {"document": self._document, "offset": self._offset}}
+        return json.dumps(state, sort_keys=True).encode("utf-8")
+
+    def set_state(self, state: bytes) -> None:
+        position = _checked_state(state, self._fingerprint, "position")
         try:
-            decoded = json.loads(state)
-            saved, grain_state = decoded["pipeline"], decoded["grain"]
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"state is not a DataIterator state: {e}") from e
-        saved.setdefault("tokenizer", BYTE.name)  # states saved before tokenizers were selectable
-        expected = dataclasses.asdict(self._fingerprint)
-        mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: saved {s!r}, now {n!r}" for k, (s, n) in mismatched.items())
-            raise ValueError(f"state was saved by a different pipeline ({detail})")
-        self._iterator.set_state(grain_state)
+            document, offset = int(position["document"]), int(position["offset"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"state is not a streamed DataIterator state: {e}") from e
+        if document < 0 or offset < 0:
+            raise ValueError(f"state is not a streamed DataIterator state: position {position}")
+        if self._pending is not None:
+            self._pending.cancel()
+        self._seek(document, offset)
 
 
 def _check_positive(value, argument: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{argument} must be a positive integer, got {value!r}")
+
+
+def _shuffle_seed(seed: int) -> int:
+    """The seed handed to grain's index shuffle: mixing it makes the permutations of nearby seeds
+    unrelated (grain shuffles epoch ``e`` with ``seed + e``)."""
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def process_batches(rows: grain.MapDataset, make_row, *, batch_size: int, seed: int,
@@ -397,13 +572,18 @@ def process_batches(rows: grain.MapDataset, make_row, *, batch_size: int, seed: 
     ``chunks[process_index::process_count]``).
     """
     if shuffle:
-        # Mixing the seed makes the permutations of nearby seeds unrelated (grain uses seed + epoch).
-        rows = rows.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        rows = rows.shuffle(seed=_shuffle_seed(seed))
     rows = rows.repeat(num_epochs)
     global_batch_size = batch_size * process_count
     if num_epochs is not None:
         rows = rows[: len(rows) // global_batch_size * global_batch_size]
     return rows.map(make_row).batch(batch_size, drop_remainder=True), global_batch_size
+
+
+def _check_text_key(builder, name: str, text_key: str) -> None:
+    if text_key not in builder.info.features.keys():
+        features = sorted(builder.info.features.keys())
+        raise ValueError(f"text_key {text_key!r} is not a feature of {name!r}; features: {features}")
 
 
 def create_iterator(
@@ -421,7 +601,8 @@ def create_iterator(
     text_key: str = "text",
     tokenizer: Tokenizer | str | None = None,
     cache_dir: str | None = None,
-) -> DataIterator:
+    stream: bool = False,
+) -> DataIterator | StreamedText:
     """Batches of ``name``'s ``split`` for this process; ``batch_size`` is the per-process batch.
 
     ``num_epochs=None`` repeats forever; otherwise the last incomplete global batch is dropped. Process
@@ -429,6 +610,8 @@ def create_iterator(
     ``text_key`` names the text feature of a TFDS dataset (unused by ``instruct_synth``). ``tokenizer``
     is a :class:`~moejax.data.Tokenizer` or a spec for :func:`~moejax.data.get_tokenizer` (default: bytes);
     a subword tokenizer's token streams are cached under ``cache_dir`` (default: ``default_cache_dir``).
+    ``stream=True`` (text datasets only): a :class:`StreamedText` that reads, tokenizes and packs only
+    this process's documents as it goes (nothing pre-read or cached; batches depend on the process split).
     """
     tokenizer = get_tokenizer(tokenizer)
     _check_positive(seq_len, "seq_len")
@@ -442,6 +625,9 @@ def create_iterator(
     _check_positive(process_count, "process_count")
     if not isinstance(process_index, int) or not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+    if stream and _base_name(name) == "instruct_synth":
+        raise ValueError(f"stream=True packs text documents; {name!r} is not a text dataset "
+                         "(use stream=False)")
 
     builder = load_builder(name, data_dir)
     if split.split("[")[0] not in builder.info.splits:
@@ -450,6 +636,18 @@ def create_iterator(
         )
     source = builder.as_data_source(split=split)
     make_row: Callable[..., dict[str, np.ndarray]]
+    if stream:
+        _check_text_key(builder, name, text_key)
+        if len(source) == 0:
+            raise ValueError(f"split {split!r} of {name!r} has no documents")
+        order = document_order(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                               process_index=process_index, process_count=process_count)
+        stream_fingerprint = _StreamFingerprint(
+            name, split, seq_len, batch_size * process_count, seed, shuffle, num_epochs, text_key,
+            tokenizer.name, process_index, process_count,
+        )
+        return StreamedText(source, order, text_key=text_key, tokenizer=tokenizer, seq_len=seq_len,
+                            batch_size=batch_size, fingerprint=stream_fingerprint)
     if _base_name(name) == "instruct_synth":
         if tokenizer.name == BYTE.name:
             max_len = instruct_synth.MAX_LEN
@@ -463,9 +661,7 @@ def create_iterator(
         rows = grain.MapDataset.source(source)
         make_row = functools.partial(_instruct_record_row, seq_len=seq_len, tokenizer=tokenizer)
     else:
-        if text_key not in builder.info.features.keys():
-            features = sorted(builder.info.features.keys())
-            raise ValueError(f"text_key {text_key!r} is not a feature of {name!r}; features: {features}")
+        _check_text_key(builder, name, text_key)
         packed: PackedText | PackedTokens
         if tokenizer.name == BYTE.name:
             memo_key = (str(builder.data_path), split, text_key)

@@ -102,6 +102,10 @@ SCHEMA: dict[str, Any] = dict(
     eval_split=text("validation"),
     data_dir=optional_text(),
     text_key=text("text"),
+    # Stream the data (create_iterator(stream=True)): each process reads and tokenizes only its own
+    # documents as it trains; nothing pre-read or cached. For very large splits (c4/en); a run then
+    # resumes only with the same number of processes.
+    stream_data=flag(False),
     # "byte", "sentencepiece:<path to .model>" or "hf:<path to tokenizer.json>" (moejax.data.get_tokenizer).
     tokenizer=Spec("byte", lambda v: isinstance(v, str) and (
         v == "byte" or any(v.startswith(p) and len(v) > len(p) for p in TOKENIZER_SCHEMES)),

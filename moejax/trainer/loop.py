@@ -81,7 +81,7 @@ def _train(s: TrainSetup, workdir: epath.Path, console: Console, is_main: bool) 
     data_kwargs = dict(seq_len=config.seq_len, batch_size=config.batch_size // jax.process_count(),
                        data_dir=config.data_dir, process_index=jax.process_index(),
                        process_count=jax.process_count(), text_key=config.text_key,
-                       tokenizer=s.tokenizer)
+                       tokenizer=s.tokenizer, stream=config.stream_data)
     train_iter = data_lib.create_iterator(config.dataset, split=config.train_split,
                                           seed=config.seed, **data_kwargs)
     evaluate = Evaluator(s, data_lib.create_iterator(

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from moejax.trainer.config import model_fields, moe_fields
+from moejax.trainer.config import default_config, model_fields, moe_fields
 
 LOCK_FILE = "trainer.lock"
 CONFIG_FILE = "config.json"
@@ -29,7 +29,7 @@ FREE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_bat
              "data_dir", "instruct_eval")
 # Keys that fix the arrays of a run or the data it reads: a change is never resumed.
 SHAPE_KEYS = ("model", "moe", "seq_len", "batch_size", "tokenizer", "vocab_size", "dataset",
-              "train_split", "text_key", "seed", "freeze")
+              "train_split", "text_key", "seed", "freeze", "stream_data")
 # Everything else (optimizer values, eval_split, mesh, ...) changes with allow_new_config=True.
 
 
@@ -129,12 +129,14 @@ def check_config_unchanged(workdir: epath.Path, config, *, resuming: bool) -> No
 
     Raises a ValueError listing the changed keys (and touches nothing) when a change would alter an
     array's shape or the data, or any change beyond :data:`FREE_KEYS` without
-    ``allow_new_config``.
+    ``allow_new_config``. A key the saved config lacks (one added to the schema since) counts as its
+    default.
     """
     path = workdir / CONFIG_FILE
     if not resuming or not path.exists():
         return
-    old = flat_config(json.loads(path.read_text()))
+    # A key the saved config lacks was added to the schema since: that run had its default.
+    old = flat_config({**default_config().to_dict(), **json.loads(path.read_text())})
     new = flat_config(config.to_dict())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
     top = lambda key: key.split(".", 1)[0]  # noqa: E731
