@@ -4,28 +4,23 @@
 group multiplies only its own rows, in a few large row chunks, so the cost stays near one dense
 matmul plus one read of each expert's weights.
 
-Tiling. Groups are visited one after another (expert-major, in ascending order). A group of ``s``
-rows is cut into row chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default
-512), then the powers of two below it down to 8 and, from 24 up, one and a half times each power of
-two (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8; sizes larger than ``m`` are dropped). A
-group takes ``s // tm`` chunks of ``tm`` rows; the rest ``r`` is then, turn by turn, either closed by
-one chunk of the smallest size >= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows, the fixed
-cost of one more chunk), or shrunk by as many chunks of the largest size <= ``r`` as fit. Every chunk
-is a static-shape matmul; the number of chunks of each size is a dynamic trip count, so nothing
-depends on the group sizes at trace time. Each ladder size costs one loop and one matmul kernel to
-compile.
+Tiling. Groups are visited one after another (expert-major). A group of ``s`` rows is cut into row
+chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default 512), then the powers of
+two below it down to 8 (sizes larger than ``m`` are dropped). A group takes ``s // tm`` chunks of
+``tm`` rows; the rest ``r`` is then, turn by turn, either closed by one chunk of the smallest size
+>= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows, the fixed cost of one more chunk), or
+shrunk by as many chunks of the largest size <= ``r`` as fit. Every chunk is a static-shape matmul;
+the number of chunks of each size is a dynamic trip count, so nothing depends on the group sizes at
+trace time. Each ladder size costs one loop and one matmul kernel to compile.
 
 Metadata (``ChunkPlan``, computed on device with static shapes, no host sync): per local group its
 row range and, per ladder size ``c``, the number of ``c``-row chunks and the row where they start.
 The chunks of a group tile its rows in ladder order; the last one is aligned to the group's end,
 overlapping rows already done (gmm recomputes the same values there; tgmm masks them out). In gmm a
-closing chunk larger than its group (a group of 250 rows closed by one 256-row chunk) starts at the
-group's start and runs on into the rows of the groups after it: those are written again, with their
-own values, when their group's turn comes. It may do so only up to the end of the last local group
-(the rows past it must stay 0); otherwise the group is cut into chunks inside it, and only a group
-smaller than 8 rows then writes its single chunk through a row mask (read-modify-write). Every other
+closing chunk is never larger than its group, so only a group smaller than 8 rows spills over its
+neighbours, and only its single chunk writes through a row mask (read-modify-write); every other
 chunk is a plain ``dynamic_update_slice``. tgmm masks the rows of every chunk (a ``[c, k]`` select,
-cheap next to the matmul), so its chunks may spill either way.
+cheap next to the matmul), so its chunks may spill.
 
 gmm: per group, ``rhs[g]`` is sliced once and each chunk writes ``lhs[chunk] @ rhs[g]`` into the
 output, which is carried through the loops and updated in place. Rows of non-local groups and rows
@@ -57,21 +52,16 @@ from moejax.kernels import common
 
 _DEFAULT_CHUNK = 512
 _MIN_CHUNK = 8
-# One more chunk costs about as much as this many rows of matmul work.
-# For d_model = d_ff = 512 (the rhs of every chunk is read and packed again) an extra chunk costs
-# about as much as 48 rows, measured on a 2-core x86 VM; the finer ladder keeps closing chunks tight.
-_CHUNK_COST_ROWS = 48
+# One more chunk costs about as much as this many rows of matmul work (measured on a 2-core x86 VM).
+_CHUNK_COST_ROWS = 16
 
 
 def chunk_sizes(m: int, tm: int) -> tuple[int, ...]:
-    """The ladder of chunk sizes for ``m`` rows, largest first: ``tm``, then the powers of two below
-    it and, from 24 up, one and a half times each of them."""
+    """The ladder of chunk sizes for ``m`` rows, largest first: ``tm``, then powers of two below."""
     smaller = []
     c = _MIN_CHUNK
     while c < tm:
         smaller.append(c)
-        if c >= 2 * _MIN_CHUNK and c * 3 // 2 < tm:
-            smaller.append(c * 3 // 2)
         c *= 2
     sizes = [c for c in [tm, *reversed(smaller)] if c <= m]
     return tuple(sizes) if sizes else (m,)
@@ -100,8 +90,6 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
     """Cuts each local group into ladder-sized row chunks (see the module docstring).
 
     ``may_spill``: a covering chunk may be larger than its group (its user masks rows out).
-    Otherwise a covering chunk larger than its group is taken only when, starting at the group's
-    row where it is placed, it ends by the end of the last local group (gmm's forward spill).
     """
     sizes = chunk_sizes(m, tm)
     group_sizes = group_sizes.astype(jnp.int32)
@@ -126,13 +114,7 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
         # Unless it may spill, a closing chunk (end-aligned) must not be larger than its group: then
         # only groups smaller than the smallest size spill over their neighbours.
         cheap = (cover_G - rest_G <= _CHUNK_COST_ROWS) | last
-        if may_spill:
-            inside = True
-        else:
-            # Larger than the group: it starts where the group's rest starts and runs into the next
-            # local groups' rows, which are written after it (see the module docstring).
-            spill_end_G = starts_G + sizes_G - rest_G + cover_G
-            inside = (cover_G <= sizes_G) | (spill_end_G <= ends_G[num_local - 1])
+        inside = True if may_spill else cover_G <= sizes_G
         take_cover = (rest_G > 0) & ((fit_G == 0) | (cheap & inside))
         # Otherwise as many ``fit``-row chunks as fit (at the last turn, enough to cover the rest).
         num_fit_G = (rest_G + (fit_G - 1 if last else 0)) // jnp.maximum(fit_G, 1)
@@ -185,15 +167,9 @@ def _own_zeros(shape, dtype, *operands):
     return jnp.broadcast_to(_false_from(*operands).astype(dtype), shape)
 
 
-def _chunk_start(nominal, group_end, c: int, m: int, group_start=None):
-    """Row where a ``c``-row chunk starts: ``nominal``, or earlier to end at the group's end.
-
-    With ``group_start``, never before it: a chunk larger than its group spills forward (gmm).
-    """
-    row = jnp.minimum(nominal, group_end - c)
-    if group_start is not None:
-        row = jnp.maximum(row, group_start)
-    return jnp.clip(row, 0, m - c)
+def _chunk_start(nominal, group_end, c: int, m: int):
+    """Row where a ``c``-row chunk starts: ``nominal``, or earlier to end at the group's end."""
+    return jnp.clip(jnp.minimum(nominal, group_end - c), 0, m - c)
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
@@ -219,7 +195,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
             first = plan.firsts[i][g]
 
             def chunk(j, c=c, first=first):
-                row = _chunk_start(first + j * c, end, c, m, start)
+                row = _chunk_start(first + j * c, end, c, m)
                 x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
                 y_CxN = jax.lax.dot_general(x_CxK, rhs_g, dims, preferred_element_type=jnp.float32)
                 return row, y_CxN.astype(out_dtype)
@@ -240,9 +216,8 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
             if c != plan.sizes[-1]:
                 out_MxN = jax.lax.fori_loop(0, count, write, out_MxN)
             else:
-                # A group smaller than the smallest size spills: forward when the rows after it are
-                # local groups' (written after it), else through a row mask.
-                fits = (end - start >= c) | (start + c <= plan.ends_G[num_local - 1])
+                # Only a group smaller than the smallest size has a chunk that spills out of it.
+                fits = end - start >= c
                 out_MxN = jax.lax.fori_loop(0, jnp.where(fits, count, 0), write, out_MxN)
                 out_MxN = jax.lax.fori_loop(0, jnp.where(fits, 0, count), write_masked, out_MxN)
         return out_MxN
