@@ -117,3 +117,61 @@ def test_bf16_rows_keep_their_dtype_and_combine_in_f32():
     dx = jax.grad(lambda x: jnp.sum(dispatch.unpermute(dispatch.permute(x, indices, 8)[0],
                                                        copies, weights, jnp.float32)))(x)
     assert dx.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ capacity
+
+
+def _onehot_capacity(x, w_ExDxD, indices, weights, kept, position, capacity):
+    """GShard's one-hot formulation from the same slots: dispatch [T, k, E, C], plain einsums."""
+    num_experts = w_ExDxD.shape[0]
+    slot = (jax.nn.one_hot(indices, num_experts)[..., None]
+            * jax.nn.one_hot(position, capacity)[:, :, None, :]
+            * kept[:, :, None, None].astype(jnp.float32))
+    buffer = jnp.einsum("tkec,td->ecd", slot, x)
+    y_buffer = jnp.tanh(jnp.einsum("ecd,edf->ecf", buffer, w_ExDxD))
+    return jnp.einsum("tkec,tk,ecd->td", slot, weights, y_buffer)
+
+
+@pytest.mark.parametrize("order", ["first_come", "token_major", "batch_priority"])
+@pytest.mark.parametrize("k,num_experts,capacity", [(1, 4, 5), (2, 8, 3), (2, 5, 40), (3, 6, 4)])
+def test_capacity_gather_and_combine_equal_the_one_hot_einsums_values_and_gradients(
+        k, num_experts, capacity, order):
+    """Drops (small capacities), empty slots (large ones) and unassigned copies; the custom VJPs'
+    gathers against autodiff of the one-hot einsums."""
+    indices, weights = _routing(T, k, num_experts, seed=k + num_experts)
+    rng = np.random.default_rng(3)
+    assigned = jnp.asarray(rng.uniform(size=(T, k)) < 0.85)
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((num_experts, D, D)) * 0.5, jnp.float32)
+    plan = dispatch.capacity_dispatch(indices, weights, num_experts, capacity, order, assigned)
+    assert not bool(plan.kept_TxK.all()) or capacity == 40  # the small capacities drop copies
+
+    def ours(x, w, weights):
+        buffer = dispatch.capacity_gather(x, plan, k)
+        y_buffer = jnp.tanh(jnp.einsum("ecd,edf->ecf", buffer, w))
+        return dispatch.capacity_combine(y_buffer, plan, indices, weights)
+
+    def reference(x, w, weights):
+        return _onehot_capacity(x, w, indices, weights, plan.kept_TxK, plan.position_TxK, capacity)
+
+    np.testing.assert_allclose(ours(x, w, weights), reference(x, w, weights), rtol=1e-5, atol=1e-5)
+    probe = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+    grads = jax.grad(lambda *a: jnp.sum(ours(*a) * probe), argnums=(0, 1, 2))(x, w, weights)
+    expected = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=(0, 1, 2))(x, w, weights)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_gather_and_combine_differentiate_by_gathers_only():
+    """No scatter in the backward: autodiff of a gather would scatter-add rows."""
+    indices, weights = _routing(T, 2, 8)
+    plan = dispatch.capacity_dispatch(indices, weights, 8, 6)
+    x = jnp.ones((T, D), jnp.float32)
+
+    def loss(x, weights):
+        buffer = dispatch.capacity_gather(x, plan, 2)
+        return jnp.sum(dispatch.capacity_combine(buffer * 2.0, plan, indices, weights) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, weights).as_text()
+    assert "scatter" not in text

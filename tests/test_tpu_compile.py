@@ -138,18 +138,14 @@ def test_lax_ragged_dot_and_its_gradient_compile_for_tpu(chip):
     assert "ragged" in compiled.as_text()
 
 
-def test_the_sharded_dropless_step_has_one_sort_and_no_row_scatter():
-    """The TPU compiler emits a sort, and a scatter-add of rows (autodiff of a gather with repeated
-    indices: it sorts the indices first), as code that grows with the number of rows: at 8K tokens
-    per device each such op took 2-8 s to compile and 1-3 MB of code. The expert-parallel dropless
-    step sorts only the local copies once (the receiver's order follows from the counts) and moves
-    rows only by gathers, forward and backward."""
+def _sharded_layer_step_hlo(dispatch):
+    """The optimized TPU HLO of the expert-parallel layer's gradient step (v5e:2x2, expert=4)."""
     from flax import nnx
 
     mesh = parallel.make_mesh(expert=4, devices=_topology("v5e").devices)
     config = moejax.MoEConfig(d_model=128, d_ff=256, num_experts=8, experts_per_token=2,
                               router="mixtral", expert="glu", activation="silu",
-                              dispatch="dropless", gmm_backend="pallas_tpu", gmm_interpret=False,
+                              dispatch=dispatch, gmm_backend="pallas_tpu", gmm_interpret=False,
                               dtype=jnp.bfloat16)
     with parallel.use_mesh(mesh):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: moejax.MoE(config, rngs=nnx.Rngs(0))))
@@ -164,10 +160,33 @@ def test_the_sharded_dropless_step_has_one_sort_and_no_row_scatter():
 
     with parallel.use_mesh(mesh):
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
-    instructions = [line for line in text.splitlines() if " = " in line]
+    return [line for line in text.splitlines() if " = " in line]
+
+
+def _row_scatters(instructions):
+    # A row scatter updates windows (whole rows); the router's gate gradient scatters elements.
+    return [line for line in instructions
+            if " scatter(" in line and "update_window_dims={}" not in line]
+
+
+def test_the_sharded_capacity_step_moves_rows_without_scatters():
+    """Capacity dispatch fills its [E, C, D] buffer and combines from it by gathers whose backward
+    passes are gathers too (autodiff of a gather scatter-adds rows, which the TPU compiler emits as
+    code growing with the number of rows)."""
+    instructions = _sharded_layer_step_hlo("capacity")
+    assert any(" all-to-all(" in line for line in instructions)
+    row_scatters = _row_scatters(instructions)
+    assert not row_scatters, row_scatters[0][:200]
+
+
+def test_the_sharded_dropless_step_has_one_sort_and_no_row_scatter():
+    """The TPU compiler emits a sort, and a scatter-add of rows (autodiff of a gather with repeated
+    indices: it sorts the indices first), as code that grows with the number of rows: at 8K tokens
+    per device each such op took 2-8 s to compile and 1-3 MB of code. The expert-parallel dropless
+    step sorts only the local copies once (the receiver's order follows from the counts) and moves
+    rows only by gathers, forward and backward."""
+    instructions = _sharded_layer_step_hlo("dropless")
     sorts = [line for line in instructions if " sort(" in line and "top_k" not in line]
     assert len(sorts) == 1 and "sort_copies" in sorts[0]
-    # A row scatter updates windows (whole rows); the router's gate gradient scatters elements.
-    row_scatters = [line for line in instructions
-                    if " scatter(" in line and "update_window_dims={}" not in line]
+    row_scatters = _row_scatters(instructions)
     assert not row_scatters, row_scatters[0][:200]

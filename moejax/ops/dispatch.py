@@ -225,12 +225,13 @@ class CapacityDispatch(NamedTuple):
     """Where each copy went in the ``[E, C, D]`` buffer.
 
     slot_copy_ExC: copy filling each slot (or -1 for an empty slot). position_TxK: slot of each copy
-    within its expert; kept_TxK: whether the copy fit (position < C).
+    within its expert; kept_TxK: whether the copy fit (position < C). expert_TxK: each copy's expert.
     """
 
     slot_copy_ExC: jax.Array
     position_TxK: jax.Array
     kept_TxK: jax.Array
+    expert_TxK: jax.Array
 
 
 def capacity_priority(combine_weights_TxK: jax.Array, order: str = "first_come") -> jax.Array:
@@ -279,25 +280,103 @@ def capacity_dispatch(expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Ar
     safe_index_ExC = jnp.clip(sorted_index_ExC, 0, num_tokens * k - 1)
     slot_copy_ExC = jnp.where(filled_ExC, copies.order_TK[safe_index_ExC], -1)
     position_TxK = position_TK.reshape(num_tokens, k)
-    return CapacityDispatch(slot_copy_ExC, position_TxK, position_TxK < capacity)
+    return CapacityDispatch(slot_copy_ExC, position_TxK, position_TxK < capacity,
+                            expert_indices_TxK.astype(jnp.int32))
+
+
+def _slots(dispatch: CapacityDispatch, capacity: int, expert_indices_TxK: jax.Array) -> jax.Array:
+    """Flat slot ``e · C + position`` of each copy in the ``[E·C]`` buffer (clamped for dropped ones)."""
+    position_TxK = jnp.minimum(dispatch.position_TxK, capacity - 1)
+    return expert_indices_TxK.astype(jnp.int32) * capacity + position_TxK.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fill_slots(x_TxD, slot_copy_EC, slots_TxK, kept_TxK, k):
+    """``buffer[s] = x[token of the copy in slot s]`` (0 for an empty slot): ``[E·C, D]``."""
+    rows_ECxD = _rows(x_TxD, _tokens(jnp.maximum(slot_copy_EC, 0), k))
+    return jnp.where((slot_copy_EC >= 0)[:, None], rows_ECxD, jnp.zeros((), x_TxD.dtype))
+
+
+def _fill_slots_fwd(x_TxD, slot_copy_EC, slots_TxK, kept_TxK, k):
+    return _fill_slots(x_TxD, slot_copy_EC, slots_TxK, kept_TxK, k), (slots_TxK, kept_TxK)
+
+
+def _fill_slots_bwd(k, residuals, d_ECxD):
+    # The transpose of filling the slots: each token adds the cotangents of its kept copies' slots.
+    # One gather per choice, summed in f32 (autodiff would scatter-add rows into [T, D]).
+    slots_TxK, kept_TxK = residuals
+    d_TxD = None
+    for j in range(k):
+        part = jnp.where(kept_TxK[:, j:j + 1],
+                         _rows(d_ECxD, slots_TxK[:, j]).astype(jnp.float32), 0.0)
+        d_TxD = part if d_TxD is None else d_TxD + part
+    return d_TxD.astype(d_ECxD.dtype), None, None, None
+
+
+_fill_slots.defvjp(_fill_slots_fwd, _fill_slots_bwd)
+
+
+@jax.custom_vjp
+def _combine_slots(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC):
+    """``y[t] = sum_j weights[t, j] * y_buffer[slots[t, j]]`` in f32 (weights 0 for dropped copies)."""
+    k = weights_TxK.shape[1]
+    weights_TxK = weights_TxK.astype(jnp.float32)
+    y_TxD = weights_TxK[:, :1] * _rows(y_ECxD, slots_TxK[:, 0]).astype(jnp.float32)
+    for j in range(1, k):
+        y_TxD = y_TxD + weights_TxK[:, j:j + 1] * _rows(y_ECxD, slots_TxK[:, j]).astype(jnp.float32)
+    return y_TxD
+
+
+def _combine_slots_fwd(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC):
+    residuals = (y_ECxD, weights_TxK, slots_TxK, slot_copy_EC)
+    return _combine_slots(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC), residuals
+
+
+def _combine_slots_bwd(residuals, d_TxD):
+    y_ECxD, weights_TxK, slots_TxK, slot_copy_EC = residuals
+    k = weights_TxK.shape[1]
+    d_TxD = d_TxD.astype(jnp.float32)
+    # Slot s holds copy c = slot_copy[s] (or none): its cotangent is c's weight times its token's.
+    # A gather by the slots' copies (autodiff would scatter-add rows into [E, C, D]).
+    copies_EC = jnp.maximum(slot_copy_EC, 0)
+    weight_EC = jnp.where(slot_copy_EC >= 0,
+                          _rows(weights_TxK.astype(jnp.float32).reshape(-1), copies_EC), 0.0)
+    d_ECxD = weight_EC[:, None] * _rows(d_TxD, _tokens(copies_EC, k))
+    d_weights_TxK = jnp.stack(
+        [jnp.sum(d_TxD * _rows(y_ECxD, slots_TxK[:, j]).astype(jnp.float32), axis=-1)
+         for j in range(k)], axis=1)
+    return (d_ECxD.astype(y_ECxD.dtype), d_weights_TxK.astype(weights_TxK.dtype), None, None)
+
+
+_combine_slots.defvjp(_combine_slots_fwd, _combine_slots_bwd)
 
 
 def capacity_gather(x_TxD: jax.Array, dispatch: CapacityDispatch, k: int) -> jax.Array:
-    """The ``[E, C, D]`` expert input buffer; empty slots are 0."""
-    filled_ExC = dispatch.slot_copy_ExC >= 0
-    tokens_ExC = jnp.maximum(dispatch.slot_copy_ExC, 0) // k
-    return jnp.where(filled_ExC[..., None], x_TxD[tokens_ExC], jnp.zeros((), x_TxD.dtype))
+    """The ``[E, C, D]`` expert input buffer; empty slots are 0.
+
+    Forward and backward are row gathers (the backward of a plain gather would be a row
+    scatter-add, which the TPU compiler emits as code growing with the number of rows).
+    """
+    num_experts, capacity = dispatch.slot_copy_ExC.shape
+    slots_TxK = _slots(dispatch, capacity, dispatch.expert_TxK)
+    x_TxD, slot_copy_EC, slots_TxK, kept_TxK = _varying_as_all(
+        x_TxD, dispatch.slot_copy_ExC.reshape(-1), slots_TxK, dispatch.kept_TxK)
+    buffer_ECxD = _fill_slots(x_TxD, slot_copy_EC, slots_TxK, kept_TxK, k)
+    return buffer_ECxD.reshape(num_experts, capacity, x_TxD.shape[-1])
 
 
 def capacity_combine(y_ExCxD: jax.Array, dispatch: CapacityDispatch,
                      expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
                      out_dtype=None) -> jax.Array:
     """Each token's kept copies' outputs weighted by their gates (f32); dropped copies give 0."""
-    capacity = y_ExCxD.shape[1]
-    position_TxK = jnp.minimum(dispatch.position_TxK, capacity - 1)
-    y_TxKxD = y_ExCxD[expert_indices_TxK, position_TxK]
-    weights_TxK = jnp.where(dispatch.kept_TxK, combine_weights_TxK.astype(jnp.float32), 0.0)
-    y_TxD = jnp.einsum("tk,tkd->td", weights_TxK, y_TxKxD.astype(jnp.float32))
+    num_experts, capacity, d = y_ExCxD.shape
+    slots_TxK = _slots(dispatch, capacity, expert_indices_TxK)
+    weights_TxK = jnp.where(dispatch.kept_TxK, combine_weights_TxK,
+                            jnp.zeros((), combine_weights_TxK.dtype))
+    y_ECxD, weights_TxK, slots_TxK, slot_copy_EC = _varying_as_all(
+        y_ExCxD.reshape(num_experts * capacity, d), weights_TxK, slots_TxK,
+        dispatch.slot_copy_ExC.reshape(-1))
+    y_TxD = _combine_slots(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC)
     return y_TxD.astype(out_dtype or y_ExCxD.dtype)
 
 
