@@ -143,14 +143,24 @@ _gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
 @jax.custom_vjp
 def _combine(sorted_y_TKxD, weights_TxK, order_TK, inverse_TK):
     """``y[t] = sum_j weights[t, j] * sorted_y[inverse[t·k + j]]`` in f32, fused (no [T, k, D])."""
-    num_tokens, k = weights_TxK.shape
-    inverse_TxK = inverse_TK.reshape(num_tokens, k)
+    return _weighted_rows(sorted_y_TKxD, weights_TxK, inverse_TK.reshape(weights_TxK.shape))
+
+
+def _weighted_rows(rows_NxD, weights_TxK, index_TxK):
+    """``y[t] = sum_j weights[t, j] * rows[index[t, j]]`` in f32: k row gathers that XLA fuses with
+    the multiply-adds into one pass over ``y`` (no [T, k, D] intermediate)."""
     weights_TxK = weights_TxK.astype(jnp.float32)
-    y_TxD = weights_TxK[:, :1] * _rows(sorted_y_TKxD, inverse_TxK[:, 0]).astype(jnp.float32)
-    for j in range(1, k):
-        y_TxD = y_TxD + weights_TxK[:, j:j + 1] * _rows(
-            sorted_y_TKxD, inverse_TxK[:, j]).astype(jnp.float32)
+    y_TxD = weights_TxK[:, :1] * _rows(rows_NxD, index_TxK[:, 0]).astype(jnp.float32)
+    for j in range(1, index_TxK.shape[1]):
+        y_TxD = y_TxD + weights_TxK[:, j:j + 1] * _rows(rows_NxD, index_TxK[:, j]).astype(jnp.float32)
     return y_TxD
+
+
+def _row_dots(d_TxD, rows_NxD, index_TxK):
+    """``[T, k]``: ``<d[t], rows[index[t, j]]>`` in f32 (the gradient of :func:`_weighted_rows`
+    with respect to its weights)."""
+    return jnp.stack([jnp.sum(d_TxD * _rows(rows_NxD, index_TxK[:, j]).astype(jnp.float32), axis=-1)
+                      for j in range(index_TxK.shape[1])], axis=1)
 
 
 def _combine_fwd(sorted_y_TKxD, weights_TxK, order_TK, inverse_TK):
@@ -167,10 +177,7 @@ def _combine_bwd(residuals, d_TxD):
     d_copies_TKxD = (weights_TxK.astype(jnp.float32)[:, :, None] * d_TxD[:, None, :]).reshape(
         num_tokens * k, -1)
     d_sorted_TKxD = _rows(d_copies_TKxD, order_TK).astype(sorted_y_TKxD.dtype)
-    inverse_TxK = inverse_TK.reshape(num_tokens, k)
-    d_weights_TxK = jnp.stack(
-        [jnp.sum(d_TxD * _rows(sorted_y_TKxD, inverse_TxK[:, j]).astype(jnp.float32), axis=-1)
-         for j in range(k)], axis=1)
+    d_weights_TxK = _row_dots(d_TxD, sorted_y_TKxD, inverse_TK.reshape(num_tokens, k))
     return d_sorted_TKxD, d_weights_TxK.astype(weights_TxK.dtype), None, None
 
 
@@ -319,12 +326,7 @@ _fill_slots.defvjp(_fill_slots_fwd, _fill_slots_bwd)
 @jax.custom_vjp
 def _combine_slots(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC):
     """``y[t] = sum_j weights[t, j] * y_buffer[slots[t, j]]`` in f32 (weights 0 for dropped copies)."""
-    k = weights_TxK.shape[1]
-    weights_TxK = weights_TxK.astype(jnp.float32)
-    y_TxD = weights_TxK[:, :1] * _rows(y_ECxD, slots_TxK[:, 0]).astype(jnp.float32)
-    for j in range(1, k):
-        y_TxD = y_TxD + weights_TxK[:, j:j + 1] * _rows(y_ECxD, slots_TxK[:, j]).astype(jnp.float32)
-    return y_TxD
+    return _weighted_rows(y_ECxD, weights_TxK, slots_TxK)
 
 
 def _combine_slots_fwd(y_ECxD, weights_TxK, slots_TxK, slot_copy_EC):
@@ -342,9 +344,7 @@ def _combine_slots_bwd(residuals, d_TxD):
     weight_EC = jnp.where(slot_copy_EC >= 0,
                           _rows(weights_TxK.astype(jnp.float32).reshape(-1), copies_EC), 0.0)
     d_ECxD = weight_EC[:, None] * _rows(d_TxD, _tokens(copies_EC, k))
-    d_weights_TxK = jnp.stack(
-        [jnp.sum(d_TxD * _rows(y_ECxD, slots_TxK[:, j]).astype(jnp.float32), axis=-1)
-         for j in range(k)], axis=1)
+    d_weights_TxK = _row_dots(d_TxD, y_ECxD, slots_TxK)
     return (d_ECxD.astype(y_ECxD.dtype), d_weights_TxK.astype(weights_TxK.dtype), None, None)
 
 
