@@ -33,6 +33,7 @@ Backward (``moejax.ops.gmm``'s custom VJP):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,31 @@ def _tiles(tiling) -> tuple[int, int, int]:
 
 def _block(dim: int, tile: int) -> int:
     return dim if dim <= tile else tile
+
+
+# Mosaic's default scoped VMEM limit on v4 and v5e (the smallest of the chips'). The kernels ask for
+# more only when their double-buffered tiles exceed it: at least 32 MiB, at most 128 MiB (the VMEM
+# of v5e and v6e); a chip with less VMEM rejects the request at compile time.
+_DEFAULT_SCOPED_VMEM = 16 * 2**20
+_RAISED_VMEM_MIN = 32 * 2**20
+_MAX_VMEM = 128 * 2**20
+
+
+def vmem_bytes(blocks, scratch) -> int:
+    """VMEM a kernel's pipeline holds: two buffers of every ``(shape, dtype)`` block (inputs and
+    output), plus the ``(shape, dtype)`` scratch buffers once."""
+    size = lambda shape, dtype: math.prod(shape) * jnp.dtype(dtype).itemsize  # noqa: E731
+    return 2 * sum(size(*b) for b in blocks) + sum(size(*b) for b in scratch)
+
+
+def _compiler_params(dimension_semantics, blocks, scratch):
+    """Mosaic parameters; ``vmem_limit_bytes`` is raised past the default scoped limit when the
+    tiles need it (about 1.25x what they hold, for Mosaic's own temporaries), else left alone."""
+    need = vmem_bytes(blocks, scratch)
+    limit = None
+    if need > _DEFAULT_SCOPED_VMEM:
+        limit = min(max(need * 5 // 4 + 2**20, _RAISED_VMEM_MIN), _MAX_VMEM)
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=limit)
 
 
 def _dot(lhs, rhs, dims):
@@ -157,8 +183,10 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
                 (tm, tn), lambda j, w, kk, groups, tiles, *_: (tiles[w], j)),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        compiler_params=_compiler_params(
+            ("parallel", "arbitrary", "arbitrary"),
+            blocks=[((tm, tk), lhs.dtype), ((tk, tn), rhs.dtype), ((tm, tn), preferred_element_type)],
+            scratch=[((tm, tn), jnp.float32)]),
         interpret=interpret,
         name="moejax_gmm",
     )(*operands)
@@ -229,8 +257,10 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
                 (None, tk, tn), lambda i, j, w, groups, tiles, *_: (groups[w], i, j)),
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
         ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=_compiler_params(
+            ("parallel", "parallel", "arbitrary"),
+            blocks=[((tm, tk), lhs.dtype), ((tm, tn), rhs.dtype), ((tk, tn), preferred_element_type)],
+            scratch=[((tk, tn), jnp.float32)]),
         interpret=interpret,
         name="moejax_tgmm",
     )(*operands)
