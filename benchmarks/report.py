@@ -224,6 +224,29 @@ def _order_section(order):
     return lines
 
 
+def _memory_floor_section(data):
+    if not data:
+        return []
+    meta = data["meta"]
+    lines = [
+        "### What E experts' weights cost before any matmul (`benchmarks/memory_floor.py`)",
+        "",
+        f"Measured {meta['date']} on {meta['cpu_count']} cores, jax {meta['jax']}, medians of "
+        f"{meta['repeats']} interleaved repeats, ratios to the dense FFN's forward+backward (T = "
+        "8192, d_model 512, hidden 1024, relu) of the same run. The dropless layer pays these on top "
+        "of the dense FFN's FLOPs: one pass over the experts' weights in the forward and another for "
+        "the input gradients, and its E experts' weight gradients written to fresh memory (XLA:CPU "
+        "allocates a call's outputs anew), before its router and dispatch.",
+        "",
+        "| E | case | seconds | × dense FFN | load |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        lines.append(f"| {r['experts']} | {r['case']} | {r['seconds']:.4f} | "
+                     f"{r['ratio_to_dense_ffn']:.3f} | {r['load_before']:.1f}-{r['load_after']:.1f} |")
+    return lines + [""]
+
+
 def _profile_section(profile):
     lines = ["### Where the dropless layer's time goes (`benchmarks/moe_profile.py`)", ""]
     if not profile or not {"before", "after"} <= set(profile):
@@ -457,6 +480,7 @@ def main():
     lines += _gmm_section(_load("gmm_cpu.json"))
     lines += _moe_layer_section(_load("moe_layer.json"), _load("moe_layer_order.json"),
                                 _load("moe_profile.json"), _load("moe_layer_summary.json"))
+    lines += _memory_floor_section(_load("memory_floor.json"))
     lines += _train_section(_load("train_cpu.json"))
     parallel = os.path.join(RESULTS, "parallel.txt")
     lines += ["## Collective bytes under expert parallelism (`benchmarks/parallel.py`)", ""]
