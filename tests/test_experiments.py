@@ -150,3 +150,20 @@ def test_committed_results_have_a_filled_block_per_sweep():
         block = text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
         assert f"Command: `python experiments/run_sweep.py {name}`" in block
         assert "| seeds |" in block
+
+
+def test_committed_benchmark_results_are_what_report_py_writes_from_the_committed_data(
+        tmp_path, monkeypatch, capsys):
+    """benchmarks/RESULTS.md is generated: no number in it is typed by hand or left stale."""
+    import importlib.util
+
+    root = os.path.dirname(EXPERIMENTS)
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_report", os.path.join(root, "benchmarks", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    monkeypatch.setattr(report, "HERE", str(tmp_path))  # RESULTS still reads the committed data
+    report.main()
+    with open(os.path.join(root, "benchmarks", "RESULTS.md")) as f:
+        committed = f.read()
+    assert (tmp_path / "RESULTS.md").read_text() == committed
