@@ -98,8 +98,9 @@ def test_sharded_layer_equals_the_single_device_layer_for_every_backend(backend,
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_sharded_dropless_layer_equals_the_single_device_layer_for_every_backend(backend):
+def test_bf16_sharded_layer_equals_the_single_device_layer_for_every_backend(backend, dispatch):
     """bf16 tokens (the layer computes in the input's dtype) through the exchange and a split F."""
     x = _x().astype(jnp.bfloat16)
 
@@ -111,9 +112,9 @@ def test_bf16_sharded_dropless_layer_equals_the_single_device_layer_for_every_ba
         with parallel.use_mesh(mesh):
             return nnx.jit(lambda m, x: m(x)[0])(model, parallel.shard_batch(x, mesh))
 
-    want = forward(_config("reference", "dropless"))
+    want = forward(_config("reference", dispatch))
     mesh = parallel.make_mesh(**MESHES["expert2_tensor2"], devices=jax.devices()[:4])
-    got = forward(_config(backend, "dropless"), mesh)
+    got = forward(_config(backend, dispatch), mesh)
     assert got.dtype == want.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=2e-2, atol=2e-2)

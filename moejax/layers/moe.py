@@ -484,8 +484,7 @@ class MoE(nnx.Module):
                                                   capacity, c.capacity_order, assigned_TxK)
             run = _maybe_remat(experts.batched, c.remat)
             y_ExCxD = run(dispatch_ops.capacity_gather(x_TxD, plan, k))
-            y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, indices_TxK, weights_TxK,
-                                                  jnp.float32)
+            y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, weights_TxK, jnp.float32)
             num_assigned = jnp.maximum(jnp.sum(assigned_TxK), 1)
             dropped = jnp.sum(assigned_TxK & ~plan.kept_TxK) / num_assigned
             return y_TxD, dropped.astype(jnp.float32)

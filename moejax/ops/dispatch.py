@@ -291,10 +291,11 @@ def capacity_dispatch(expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Ar
                             expert_indices_TxK.astype(jnp.int32))
 
 
-def _slots(dispatch: CapacityDispatch, capacity: int, expert_indices_TxK: jax.Array) -> jax.Array:
+def _slots(dispatch: CapacityDispatch) -> jax.Array:
     """Flat slot ``e · C + position`` of each copy in the ``[E·C]`` buffer (clamped for dropped ones)."""
+    capacity = dispatch.slot_copy_ExC.shape[1]
     position_TxK = jnp.minimum(dispatch.position_TxK, capacity - 1)
-    return expert_indices_TxK.astype(jnp.int32) * capacity + position_TxK.astype(jnp.int32)
+    return dispatch.expert_TxK * capacity + position_TxK.astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -358,7 +359,7 @@ def capacity_gather(x_TxD: jax.Array, dispatch: CapacityDispatch, k: int) -> jax
     scatter-add, which the TPU compiler emits as code growing with the number of rows).
     """
     num_experts, capacity = dispatch.slot_copy_ExC.shape
-    slots_TxK = _slots(dispatch, capacity, dispatch.expert_TxK)
+    slots_TxK = _slots(dispatch)
     x_TxD, slot_copy_EC, slots_TxK, kept_TxK = _varying_as_all(
         x_TxD, dispatch.slot_copy_ExC.reshape(-1), slots_TxK, dispatch.kept_TxK)
     buffer_ECxD = _fill_slots(x_TxD, slot_copy_EC, slots_TxK, kept_TxK, k)
@@ -366,11 +367,13 @@ def capacity_gather(x_TxD: jax.Array, dispatch: CapacityDispatch, k: int) -> jax
 
 
 def capacity_combine(y_ExCxD: jax.Array, dispatch: CapacityDispatch,
-                     expert_indices_TxK: jax.Array, combine_weights_TxK: jax.Array,
-                     out_dtype=None) -> jax.Array:
-    """Each token's kept copies' outputs weighted by their gates (f32); dropped copies give 0."""
+                     combine_weights_TxK: jax.Array, out_dtype=None) -> jax.Array:
+    """Each token's kept copies' outputs weighted by their gates (f32); dropped copies give 0.
+
+    ``dispatch`` is :func:`capacity_dispatch`'s plan, which holds each copy's expert and slot.
+    """
     num_experts, capacity, d = y_ExCxD.shape
-    slots_TxK = _slots(dispatch, capacity, expert_indices_TxK)
+    slots_TxK = _slots(dispatch)
     weights_TxK = jnp.where(dispatch.kept_TxK, combine_weights_TxK,
                             jnp.zeros((), combine_weights_TxK.dtype))
     y_ECxD, weights_TxK, slots_TxK, slot_copy_EC = _varying_as_all(

@@ -465,8 +465,7 @@ def capacity_expert_parallel(
             y_back = jnp.swapaxes(y_LxRxD.reshape(experts_local, ep, capacity, d), 0, 1)
             y_ExCxD = jax.lax.all_to_all(y_back, expert_axis, 0, 0, tiled=True).reshape(
                 num_experts, capacity, d)
-        y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, indices_TxK, weights_TxK,
-                                              jnp.float32)
+        y_TxD = dispatch_ops.capacity_combine(y_ExCxD, plan, weights_TxK, jnp.float32)
         dropped = jax.lax.psum(jnp.sum(assigned_TxK & ~plan.kept_TxK), token_axes)
         assigned = jax.lax.psum(jnp.sum(assigned_TxK), token_axes)
         return y_TxD, (dropped / jnp.maximum(assigned, 1)).astype(jnp.float32)
