@@ -4,23 +4,22 @@
 group multiplies only its own rows, in a few large row chunks, so the cost stays near one dense
 matmul plus one read of each expert's weights.
 
-Tiling. Groups are visited one after another (expert-major). A group of ``s`` rows is cut into row
-chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default 512), then the powers of
-two below it down to 8 (sizes larger than ``m`` are dropped). A group takes ``s // tm`` chunks of
-``tm`` rows; the rest ``r`` is then, turn by turn, either closed by one chunk of the smallest size
->= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows, the fixed cost of one more chunk), or
-shrunk by as many chunks of the largest size <= ``r`` as fit. Every chunk is a static-shape matmul;
-the number of chunks of each size is a dynamic trip count, so nothing depends on the group sizes at
-trace time. Each ladder size costs one loop and one matmul kernel to compile.
+Tiling (gmm). Groups are visited one after another (expert-major). A group of ``s`` rows is cut into
+row chunks whose sizes come from a static ladder: ``tm`` (``tiling[0]``, default 512), then the
+powers of two below it down to 8 (sizes larger than ``m`` are dropped). A group takes ``s // tm``
+chunks of ``tm`` rows; the rest ``r`` is then, turn by turn, either closed by one chunk of the
+smallest size >= ``r`` (when that wastes at most ``_CHUNK_COST_ROWS`` rows, the fixed cost of one
+more chunk), or shrunk by as many chunks of the largest size <= ``r`` as fit. Every chunk is a
+static-shape matmul; the number of chunks of each size is a dynamic trip count, so nothing depends on
+the group sizes at trace time. Each ladder size costs one loop and one matmul kernel to compile.
 
 Metadata (``ChunkPlan``, computed on device with static shapes, no host sync): per local group its
 row range and, per ladder size ``c``, the number of ``c``-row chunks and the row where they start.
 The chunks of a group tile its rows in ladder order; the last one is aligned to the group's end,
-overlapping rows already done (gmm recomputes the same values there; tgmm masks them out). In gmm a
-closing chunk is never larger than its group, so only a group smaller than 8 rows spills over its
-neighbours, and only its single chunk writes through a row mask (read-modify-write); every other
-chunk is a plain ``dynamic_update_slice``. tgmm masks the rows of every chunk (a ``[c, k]`` select,
-cheap next to the matmul), so its chunks may spill.
+overlapping rows already done (gmm recomputes the same values there). A closing chunk is never
+larger than its group, so only a group smaller than 8 rows spills over its neighbours, and only its
+single chunk writes through a row mask (read-modify-write); every other chunk is a plain
+``dynamic_update_slice``.
 
 gmm: per group, ``rhs[g]`` is sliced once and each chunk writes ``lhs[chunk] @ rhs[g]`` into the
 output, which is carried through the loops and updated in place. Rows of non-local groups and rows
@@ -29,10 +28,17 @@ call's operands: XLA merges equal ``jnp.zeros`` of several calls into one buffer
 it for every loop that updates it (on the CPU each call's temporaries are fresh pages, faulted in
 on first touch, so every buffer written costs time), and it allocates them no earlier than the
 operands exist.
-tgmm: per group, the first chunk's ``lhs[chunk].T @ rhs[chunk]`` starts an f32 accumulator (a
-``lax.switch`` on its size: no zero fill and no add for one-chunk groups), the other chunks add to
-it, and the group's ``[k, n]`` block is written once. Empty groups are skipped (an empty group's
-weights are never read; its tgmm block keeps the output's zeros).
+
+tgmm: a group of ``s`` rows is ``s // tm`` whole chunks of ``tm`` rows (``min(tm, m)``) and one
+closing chunk for the other ``r`` rows, of the smallest size >= ``r`` among the multiples of
+``_CLOSE_STEP`` (32) below ``tm`` and ``tm`` itself (a group of whole chunks closes with its last
+one). The closing chunk ends at the group's end (or starts at row 0) and masks out the rows that are
+not the group's remainder (a ``[c, k]`` select, cheap next to the matmul); it is the only masked
+chunk, and it starts the group's f32 accumulator (a ``lax.switch`` on its size: no zero fill, and no
+add for one-chunk groups). The whole chunks add to it in one loop and the group's ``[k, n]`` block is
+written once. Per group that is one matmul more than ``s / tm`` at most, and at most 31 wasted rows.
+Empty groups are skipped (an empty group's weights are never read; its block keeps the output's
+zeros).
 
 Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
 transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
@@ -54,6 +60,8 @@ _DEFAULT_CHUNK = 512
 _MIN_CHUNK = 8
 # One more chunk costs about as much as this many rows of matmul work (measured on a 2-core x86 VM).
 _CHUNK_COST_ROWS = 16
+# tgmm closes each group with one chunk whose size is a multiple of this (masked past the group).
+_CLOSE_STEP = 32
 
 
 def chunk_sizes(m: int, tm: int) -> tuple[int, ...]:
@@ -85,12 +93,8 @@ class ChunkPlan(NamedTuple):
     num_nonempty: jax.Array
 
 
-def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
-               may_spill: bool = False) -> ChunkPlan:
-    """Cuts each local group into ladder-sized row chunks (see the module docstring).
-
-    ``may_spill``: a covering chunk may be larger than its group (its user masks rows out).
-    """
+def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int) -> ChunkPlan:
+    """Cuts each local group into gmm's ladder-sized row chunks (see the module docstring)."""
     sizes = chunk_sizes(m, tm)
     group_sizes = group_sizes.astype(jnp.int32)
     ends_all = jnp.cumsum(group_sizes)
@@ -111,10 +115,10 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int, *,
             cover_G = jnp.where(c >= rest_G, c, cover_G)
         for c in reversed(sizes):
             fit_G = jnp.where(c <= rest_G, c, fit_G)
-        # Unless it may spill, a closing chunk (end-aligned) must not be larger than its group: then
-        # only groups smaller than the smallest size spill over their neighbours.
+        # A closing chunk (end-aligned) must not be larger than its group: then only groups smaller
+        # than the smallest size spill over their neighbours.
         cheap = (cover_G - rest_G <= _CHUNK_COST_ROWS) | last
-        inside = True if may_spill else cover_G <= sizes_G
+        inside = cover_G <= sizes_G
         take_cover = (rest_G > 0) & ((fit_G == 0) | (cheap & inside))
         # Otherwise as many ``fit``-row chunks as fit (at the last turn, enough to cover the rest).
         num_fit_G = (rest_G + (fit_G - 1 if last else 0)) // jnp.maximum(fit_G, 1)
@@ -227,6 +231,13 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
         0, plan.num_nonempty, lambda i, out_MxN: group_body(plan.nonempty_G[i], out_MxN), out_MxN)
 
 
+def closing_sizes(m: int, tm: int) -> tuple[int, ...]:
+    """tgmm's chunk sizes for ``m`` rows, ascending: multiples of ``_CLOSE_STEP`` below ``tm``, then
+    ``min(tm, m)`` (the full chunk). Every remainder ``r < tm`` (and ``r <= m``) has a size >= r."""
+    full = min(tm, m)
+    return tuple(c for c in range(_CLOSE_STEP, full, _CLOSE_STEP)) + (full,)
+
+
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_type, tiling,
          interpret):
     """``out[i] = lhs[rows_j].T @ rhs[rows_j]`` with ``j = group_offset + i``; empty group -> 0."""
@@ -240,44 +251,60 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     out_GxKxN = _varying_like(_own_zeros((num_groups, k, n), out_dtype, lhs, rhs), lhs, rhs,
                               group_sizes)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
-    plan = chunk_plan(group_sizes, group_offset, num_groups, m, tm, may_spill=True)
+    sizes = closing_sizes(m, tm)
+    full = sizes[-1]
+    group_sizes = group_sizes.astype(jnp.int32)
+    offset = jnp.asarray(group_offset, jnp.int32)
+    sizes_G = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_groups)
+    ends_G = jax.lax.dynamic_slice_in_dim(jnp.cumsum(group_sizes), offset, num_groups)
+    starts_G = ends_G - sizes_G
+    has_rows_G = sizes_G > 0
+    nonempty_G = jnp.nonzero(has_rows_G, size=num_groups, fill_value=0)[0].astype(jnp.int32)
     dims = (((0,), (0,)), ((), ()))
 
-    # Index of each group's first (largest) chunk size.
-    head_G = jnp.zeros_like(plan.starts_G)
-    for i in reversed(range(len(plan.sizes))):
-        head_G = jnp.where(plan.counts[i] > 0, i, head_G)
+    def closing_product(c, nominal, end):
+        """``lhs[nominal:end].T @ rhs[nominal:end]`` (at most ``c`` rows) from one ``c``-row slice
+        that may start earlier (to end at ``end``, or at row 0) and reach into other groups: rows
+        outside ``[nominal, end)`` are masked out."""
+        row = _chunk_start(nominal, end, c, m)
+        rows_C = row + jnp.arange(c, dtype=jnp.int32)
+        mine_C = (rows_C >= nominal) & (rows_C < end)
+        x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
+        x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
+        d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, c)
+        return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
+
+    def full_product(row):
+        """A whole chunk inside the group: no mask."""
+        x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, full)
+        d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, full)
+        return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
 
     def group_body(g, out_GxKxN):
-        end, head = plan.ends_G[g], head_G[g]
+        start, end, size = starts_G[g], ends_G[g], sizes_G[g]
+        num_full = size // full
+        rest = size - num_full * full
+        # One chunk closes the group's last ``rest`` rows: the smallest size >= rest. It starts the
+        # accumulator (no zero fill, no add); a group of whole chunks starts it with its last one.
+        closing = jnp.where(rest > 0, rest, full)
+        index = jnp.zeros((), jnp.int32)
+        for c in sizes[:-1]:
+            index = index + (closing > c).astype(jnp.int32)
+        num_full = num_full - (rest == 0).astype(jnp.int32)
+        close_from = start + num_full * full
+        acc_KxN = jax.lax.switch(
+            index, [lambda c=c: closing_product(c, close_from, end) for c in sizes])
 
-        def chunk_product(c, nominal):
-            row = _chunk_start(nominal, end, c, m)
-            rows_C = row + jnp.arange(c, dtype=jnp.int32)
-            # Rows before ``nominal`` belong to an earlier chunk of this group (end-aligned overlap).
-            mine_C = (rows_C >= nominal) & (rows_C < end)
-            x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
-            x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
-            d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, c)
-            return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
+        def add(j, acc_KxN):
+            return acc_KxN + full_product(start + j * full)
 
-        # The first chunk initialises the accumulator: no zero fill and no add for one-chunk groups.
-        heads = [lambda c=c, i=i: chunk_product(c, plan.firsts[i][g])
-                 for i, c in enumerate(plan.sizes)]
-        acc_KxN = jax.lax.switch(head, heads)
-        for i, c in enumerate(plan.sizes):
-            done = (head == i).astype(jnp.int32)
-            first = plan.firsts[i][g] + done * c
-
-            def add(j, acc_KxN, c=c, first=first):
-                return acc_KxN + chunk_product(c, first + j * c)
-
-            acc_KxN = jax.lax.fori_loop(0, plan.counts[i][g] - done, add, acc_KxN)
+        acc_KxN = jax.lax.fori_loop(0, num_full, add, acc_KxN)
         return jax.lax.dynamic_update_index_in_dim(out_GxKxN, acc_KxN.astype(out_dtype), g, 0)
 
-    # Empty groups keep the zeros the output starts with.
+    # Empty groups keep the zeros the output starts with (their rows do not exist).
     return jax.lax.fori_loop(
-        0, plan.num_nonempty, lambda i, out: group_body(plan.nonempty_G[i], out), out_GxKxN)
+        0, jnp.sum(has_rows_G, dtype=jnp.int32),
+        lambda i, out: group_body(nonempty_G[i], out), out_GxKxN)
 
 
 def _varying_like(x, *operands):
