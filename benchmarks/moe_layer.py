@@ -27,7 +27,7 @@ time; process CPU time medians too (they move less when other processes share th
     python benchmarks/moe_layer.py --quick               # small shapes, seconds
     python benchmarks/moe_layer.py --tokens 8192 --experts 8 64 --cases dense_ffn dropless
     python benchmarks/moe_layer.py --order-effect        # why the old dense baseline was slow
-    python benchmarks/moe_layer.py --summary             # the targets, under two allocators
+    python benchmarks/moe_layer.py --summary             # the targets, under three allocators
 """
 
 from __future__ import annotations
@@ -218,12 +218,21 @@ def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
     return out
 
 
-# The summary (the issue's targets) is measured under two allocators, each in its own process:
-# glibc's default, and glibc with transparent huge pages for its large blocks. XLA:CPU takes every
-# call's outputs and temporaries from malloc; glibc serves blocks this large with fresh mmaps, so
-# each call faults its memory in again, 4 KiB at a time by default (2-3 µs a page on this VM), or
-# 2 MiB at a time with huge pages. The tunable changes nothing else, for every case alike.
-ALLOCATORS = (("glibc default", None), ("glibc, huge pages", "glibc.malloc.hugetlb=1"))
+# The summary (the issue's targets) is measured under three allocators, each in its own process:
+# glibc's default, glibc with transparent huge pages for its large blocks, and glibc keeping the
+# memory it gets. XLA:CPU takes every call's outputs and temporaries from malloc; by default glibc
+# serves blocks this large with fresh mmaps and unmaps them on free, so each call faults its memory
+# in again, 4 KiB at a time (2-3 µs a page on this VM), or 2 MiB at a time with huge pages. With
+# mmap_max=0 (no mmap for large blocks), an unreachable trim_threshold (the heap is never given
+# back) and arena_max=1 (every thread allocates from the one heap), the blocks come from memory
+# already faulted in by earlier calls: what is left is the computation. The tunables change nothing
+# else, for every case alike.
+ALLOCATORS = (
+    ("glibc default", None),
+    ("glibc, huge pages", "glibc.malloc.hugetlb=1"),
+    ("glibc, memory kept",
+     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"),
+)
 SUMMARY_CASES = ("dense_ffn", "balanced einsum", "dropless", "capacity cf=1.0")
 
 
@@ -237,7 +246,7 @@ def _transparent_hugepages():
 
 def summary(repeats, out):
     """T = 8192, E = 8 and 64, relu and gelu: the dense FFN, the experts alone, dropless and
-    capacity 1.0, once per allocator (a child process each). Writes ``moe_layer_summary.json``."""
+    capacity 1.0, once per allocator of ``ALLOCATORS`` (a child process each). Writes ``moe_layer_summary.json``."""
     import subprocess
     import sys
     import tempfile

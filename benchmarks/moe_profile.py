@@ -17,6 +17,8 @@ The dense FFN of equal active FLOPs is profiled the same way for scale.
     python benchmarks/moe_profile.py --label before     # E = 64 and 8, relu
     python benchmarks/moe_profile.py --label after
     python benchmarks/moe_profile.py --experts 64 --steps 5 --top 30   # print only (no --label)
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1 \
+        python benchmarks/moe_profile.py --label "memory kept"   # no page faults: the computation
 
 Results go to ``benchmarks/results/moe_profile.json`` (one entry per label; ``report.py`` prints
 them side by side).
@@ -211,7 +213,7 @@ def main():
         stored[args.label] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax": jax.__version__, "cpus": os.cpu_count(), "steps": args.steps,
-            "entries": entries}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "entries": entries}
         with open(RESULTS, "w") as fh:
             json.dump(stored, fh, indent=1)
         print(f"wrote {RESULTS} [{args.label}]")
