@@ -75,6 +75,28 @@ def chunk_sizes(m: int, tm: int) -> tuple[int, ...]:
     return tuple(sizes) if sizes else (m,)
 
 
+class LocalGroups(NamedTuple):
+    """Row ranges of the local groups (int32, on device): sizes, starts and ends; the groups with
+    rows, in order, then padding (``nonempty_G``), and how many there are (``num_nonempty``)."""
+
+    sizes_G: jax.Array
+    starts_G: jax.Array
+    ends_G: jax.Array
+    nonempty_G: jax.Array
+    num_nonempty: jax.Array
+
+
+def _local_groups(group_sizes, group_offset, num_local: int) -> LocalGroups:
+    group_sizes = group_sizes.astype(jnp.int32)
+    offset = jnp.asarray(group_offset, jnp.int32)
+    sizes_G = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_local)
+    ends_G = jax.lax.dynamic_slice_in_dim(jnp.cumsum(group_sizes), offset, num_local)
+    has_rows_G = sizes_G > 0
+    nonempty_G = jnp.nonzero(has_rows_G, size=num_local, fill_value=0)[0].astype(jnp.int32)
+    return LocalGroups(sizes_G, ends_G - sizes_G, ends_G, nonempty_G,
+                       jnp.sum(has_rows_G, dtype=jnp.int32))
+
+
 class ChunkPlan(NamedTuple):
     """Row chunks of every local group (int32, on device).
 
@@ -96,12 +118,8 @@ class ChunkPlan(NamedTuple):
 def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int) -> ChunkPlan:
     """Cuts each local group into gmm's ladder-sized row chunks (see the module docstring)."""
     sizes = chunk_sizes(m, tm)
-    group_sizes = group_sizes.astype(jnp.int32)
-    ends_all = jnp.cumsum(group_sizes)
-    offset = jnp.asarray(group_offset, jnp.int32)
-    sizes_G = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_local)
-    ends_G = jax.lax.dynamic_slice_in_dim(ends_all, offset, num_local)
-    starts_G = ends_G - sizes_G
+    groups = _local_groups(group_sizes, group_offset, num_local)
+    sizes_G, starts_G = groups.sizes_G, groups.starts_G
 
     top = sizes[0]
     counts = [jnp.zeros_like(sizes_G) for _ in sizes]
@@ -133,10 +151,8 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int) -> Ch
     for c, count_G in zip(sizes, counts):
         firsts.append(row_G)
         row_G = row_G + count_G * c
-    has_rows_G = sizes_G > 0
-    nonempty_G = jnp.nonzero(has_rows_G, size=num_local, fill_value=0)[0].astype(jnp.int32)
-    return ChunkPlan(sizes, starts_G, ends_G, tuple(counts), tuple(firsts), nonempty_G,
-                     jnp.sum(has_rows_G, dtype=jnp.int32))
+    return ChunkPlan(sizes, starts_G, groups.ends_G, tuple(counts), tuple(firsts),
+                     groups.nonempty_G, groups.num_nonempty)
 
 
 def _operands(lhs, rhs):
@@ -253,35 +269,27 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     sizes = closing_sizes(m, tm)
     full = sizes[-1]
-    group_sizes = group_sizes.astype(jnp.int32)
-    offset = jnp.asarray(group_offset, jnp.int32)
-    sizes_G = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_groups)
-    ends_G = jax.lax.dynamic_slice_in_dim(jnp.cumsum(group_sizes), offset, num_groups)
-    starts_G = ends_G - sizes_G
-    has_rows_G = sizes_G > 0
-    nonempty_G = jnp.nonzero(has_rows_G, size=num_groups, fill_value=0)[0].astype(jnp.int32)
+    groups = _local_groups(group_sizes, group_offset, num_groups)
     dims = (((0,), (0,)), ((), ()))
 
-    def closing_product(c, nominal, end):
-        """``lhs[nominal:end].T @ rhs[nominal:end]`` (at most ``c`` rows) from one ``c``-row slice
-        that may start earlier (to end at ``end``, or at row 0) and reach into other groups: rows
-        outside ``[nominal, end)`` are masked out."""
-        row = _chunk_start(nominal, end, c, m)
-        rows_C = row + jnp.arange(c, dtype=jnp.int32)
-        mine_C = (rows_C >= nominal) & (rows_C < end)
+    def product(c, row, mine_C=None):
+        """``lhs[row:row+c].T @ rhs[row:row+c]`` over the rows of ``mine_C`` (default: all)."""
         x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
-        x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
+        if mine_C is not None:
+            x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
         d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, c)
         return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
 
-    def full_product(row):
-        """A whole chunk inside the group: no mask."""
-        x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, full)
-        d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, full)
-        return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
+    def closing_product(c, nominal, end):
+        """The rows ``[nominal, end)`` (at most ``c``) from one ``c``-row slice that may start
+        earlier (to end at ``end``, or at row 0) and reach into other groups: rows outside
+        ``[nominal, end)`` are masked out."""
+        row = _chunk_start(nominal, end, c, m)
+        rows_C = row + jnp.arange(c, dtype=jnp.int32)
+        return product(c, row, (rows_C >= nominal) & (rows_C < end))
 
     def group_body(g, out_GxKxN):
-        start, end, size = starts_G[g], ends_G[g], sizes_G[g]
+        start, end, size = groups.starts_G[g], groups.ends_G[g], groups.sizes_G[g]
         num_full = size // full
         rest = size - num_full * full
         # One chunk closes the group's last ``rest`` rows: the smallest size >= rest. It starts the
@@ -296,15 +304,14 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
             index, [lambda c=c: closing_product(c, close_from, end) for c in sizes])
 
         def add(j, acc_KxN):
-            return acc_KxN + full_product(start + j * full)
+            return acc_KxN + product(full, start + j * full)
 
         acc_KxN = jax.lax.fori_loop(0, num_full, add, acc_KxN)
         return jax.lax.dynamic_update_index_in_dim(out_GxKxN, acc_KxN.astype(out_dtype), g, 0)
 
     # Empty groups keep the zeros the output starts with (their rows do not exist).
     return jax.lax.fori_loop(
-        0, jnp.sum(has_rows_G, dtype=jnp.int32),
-        lambda i, out: group_body(nonempty_G[i], out), out_GxKxN)
+        0, groups.num_nonempty, lambda i, out: group_body(groups.nonempty_G[i], out), out_GxKxN)
 
 
 def _varying_like(x, *operands):

@@ -135,7 +135,6 @@ def check_config_unchanged(workdir: epath.Path, config, *, resuming: bool) -> No
     path = workdir / CONFIG_FILE
     if not resuming or not path.exists():
         return
-    # A key the saved config lacks was added to the schema since: that run had its default.
     old = flat_config({**default_config().to_dict(), **json.loads(path.read_text())})
     new = flat_config(config.to_dict())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
