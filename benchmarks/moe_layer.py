@@ -5,7 +5,8 @@ For each (activation, T, E): forward+backward time and the compiled peak memory 
   * ``dense_ffn``       one FFN with ``d_ff * k`` hidden units: the same active FLOPs as k experts,
   * ``balanced einsum`` the E experts alone on T·k/E copies each (XLA batched einsums, no router,
                         no dispatch): what E experts' weights and gradients cost by themselves,
-  * ``dropless``        moejax.MoE, dispatch="dropless" (sort + gmm on the ``cpu`` backend here),
+  * ``dropless``        moejax.MoE, dispatch="dropless" (sort, then ``moejax.ops.dropless``: gather,
+                        gmm on the ``cpu`` backend here, combine, as one custom VJP),
   * ``capacity cf=c``   moejax.MoE, dispatch="capacity" with capacity factor c,
   * ``onehot cf=1.25``  the GShard-style ``[T, E, C]`` one-hot dispatch/combine einsum (reference).
 

@@ -7,7 +7,8 @@ records one event per executed thunk (one per HLO instruction run, loop bodies o
 Each event's exclusive time (its duration minus the events nested in it on the same thread) is
 summed per HLO instruction and mapped to a part of the layer through the instruction's ``op_name``
 metadata: the named scopes ``sort_copies``, ``permute``, ``unpermute``, ``gmm`` and ``tgmm`` set by
-``moejax.ops``, ``transpose(...)`` for the backward pass, the activation by name. Instructions XLA
+``moejax.ops``, ``transpose(...)`` or the scope ``backward`` (``moejax.ops.dropless``' custom VJP)
+for the backward pass, the activation by name. Instructions XLA
 adds itself carry no ``op_name``: their time is listed by opcode (``copy``: copy insertion,
 ``broadcast``: fills). The rest (router, auxiliary and final losses) is one line.
 
@@ -53,7 +54,8 @@ def _in(scope):
 
 
 def _backward(op):
-    return "transpose(" in op
+    """Autodiff's transposes, or a custom VJP's backward pass (scope ``backward``)."""
+    return "transpose(" in op or _in("backward")(op)
 
 
 # (part, test on (op_name, opcode)); the first match names the part.

@@ -40,6 +40,7 @@ from moejax.layers.config import LOSS_WEIGHT_FIELDS, MoEConfig
 from moejax.layers.experts import Experts, SharedExperts
 from moejax.layers.params import logical_param, param
 from moejax.ops import dispatch as dispatch_ops
+from moejax.ops import dropless as dropless_ops
 from moejax.ops import routing as R
 from moejax.ops.routing.common import zero_masked
 from moejax.parallel import (
@@ -488,11 +489,9 @@ class MoE(nnx.Module):
             num_assigned = jnp.maximum(jnp.sum(assigned_TxK), 1)
             dropped = jnp.sum(assigned_TxK & ~plan.kept_TxK) / num_assigned
             return y_TxD, dropped.astype(jnp.float32)
-        sorted_x_TKxD, copies = dispatch_ops.permute(x_TxD, indices_TxK, c.num_experts,
-                                                     assigned_TxK)
-        run = _maybe_remat(experts.grouped, c.remat)
-        sorted_y_TKxD = run(sorted_x_TKxD, copies.group_sizes_E)
-        y_TxD = dispatch_ops.unpermute(sorted_y_TKxD, copies, weights_TxK, jnp.float32)
+        copies = dispatch_ops.sort_for_dropless(x_TxD, indices_TxK, c.num_experts, assigned_TxK)
+        run = _maybe_remat(dropless_ops.dropless_ffn, c.remat)
+        y_TxD = run(x_TxD, copies, weights_TxK, experts.ffn(x_TxD.dtype))
         return y_TxD, jnp.zeros((), jnp.float32)
 
     def update_router_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:

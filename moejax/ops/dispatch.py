@@ -195,11 +195,17 @@ def permute(x_TxD: jax.Array, expert_indices_TxK: jax.Array, num_experts: int,
     ``sorted_copies.group_sizes_E`` counts them (on device). No assigned copy is ever dropped;
     unassigned copies (``assigned_TxK`` False) sit after the last group, where gmm gives 0.
     """
+    copies = sort_for_dropless(x_TxD, expert_indices_TxK, num_experts, assigned_TxK)
+    return permute_sorted(x_TxD, copies, expert_indices_TxK.shape[1]), copies
+
+
+def sort_for_dropless(x_TxD: jax.Array, expert_indices_TxK: jax.Array, num_experts: int,
+                      assigned_TxK: jax.Array | None = None) -> SortedCopies:
+    """The sorted copies of :func:`permute` (shapes checked against ``x_TxD``), without the rows:
+    for :func:`moejax.ops.dropless.dropless_ffn`, which gathers them itself."""
     _check_indices(x_TxD, expert_indices_TxK)
-    k = expert_indices_TxK.shape[1]
     with jax.named_scope("sort_copies"):
-        copies = sort_copies(expert_indices_TxK, num_experts, assigned_TxK=assigned_TxK)
-    return permute_sorted(x_TxD, copies, k), copies
+        return sort_copies(expert_indices_TxK, num_experts, assigned_TxK=assigned_TxK)
 
 
 def permute_sorted(x_TxD: jax.Array, copies: SortedCopies, k: int) -> jax.Array:
