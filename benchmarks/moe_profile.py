@@ -17,6 +17,7 @@ The dense FFN of equal active FLOPs is profiled the same way for scale.
 
     python benchmarks/moe_profile.py --label before     # E = 64 and 8, relu
     python benchmarks/moe_profile.py --label after
+    python benchmarks/moe_profile.py --label "fused VJP"      # moejax.ops.dropless' custom VJP
     python benchmarks/moe_profile.py --experts 64 --steps 5 --top 30   # print only (no --label)
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1 \
         python benchmarks/moe_profile.py --label "memory kept"   # no page faults: the computation

@@ -246,20 +246,28 @@ def _profile_section(profile):
     lines = ["### Where the dropless layer's time goes (`benchmarks/moe_profile.py`)", ""]
     if not profile or not {"before", "after"} <= set(profile):
         return lines + ["Not run yet: `python benchmarks/moe_profile.py --label before|after`.", ""]
-    before, after = profile["before"], profile["after"]
     kept = profile.get("memory kept")
-    runs = [before, after] + ([kept] if kept else [])
+    described = {
+        "before": "the code of commit c8ce706 with the named scopes added",
+        "after": "commit 7df78d4 (permute, the experts' grouped FFN and unpermute, differentiated "
+                 "as three ops)",
+        "memory kept": (f"the code of `after` with `GLIBC_TUNABLES={kept['glibc_tunables']}` "
+                        "(glibc keeps the memory it gets, so no call faults pages in: the "
+                        "computation alone)" if kept else ""),
+        "fused VJP": "this code: gather, grouped FFN and combine as one custom VJP "
+                     "(`moejax.ops.dropless`)",
+    }
+    names = [name for name in described if name in profile]
+    runs = [profile[name] for name in names]
     lines += [
         "The function timed above (T = 8192, relu), compiled once and run under `jax.profiler`: "
         "each executed thunk's exclusive time, summed per HLO instruction and mapped to a part of "
-        "the layer by its `op_name` (named scopes in `moejax.ops`; `transpose(...)` marks the "
-        "backward). Op times are wall time per op on the thread that ran it, so work split over "
-        "both cores counts once, an op that waits counts its wait, and the op that first touches "
-        "a page pays its fault; the untraced CPU-time, page-fault and size lines are the reliable "
-        "totals. Before: the code of commit c8ce706 with the named scopes added; after: this "
-        "code"
-        + (f"; memory kept: this code with `GLIBC_TUNABLES={kept['glibc_tunables']}` (glibc keeps "
-           "the memory it gets, so no call faults pages in: the computation alone)" if kept else "")
+        "the layer by its `op_name` (named scopes in `moejax.ops`; `transpose(...)` or the scope "
+        "`backward` marks the backward). Op times are wall time per op on the thread that ran it, "
+        "so work split over both cores counts once, an op that waits counts its wait, and the op "
+        "that first touches a page pays its fault; the untraced CPU-time, page-fault and size "
+        "lines are the reliable totals. "
+        + "; ".join(f"{name}: {described[name]}" for name in names)
         + f". Measured one after the other ({', '.join(run['date'] for run in runs)}) at "
         "1-minute load "
         + ", ".join(f"{e['load_before']:.1f}-{e['load_after']:.1f}"
@@ -267,7 +275,6 @@ def _profile_section(profile):
         + ".",
         "",
     ]
-    names = ["before", "after"] + (["memory kept"] if kept else [])
     for entries in zip(*(run["entries"] for run in runs)):
         assert len({e["experts"] for e in entries}) == 1
         parts = list(dict.fromkeys(p for e in entries for p in e["dropless"]["parts"]))
@@ -300,7 +307,8 @@ def _profile_section(profile):
                      + " | " + " | ".join(f"{e['dense_ffn']['op_ms']:.0f}" for e in entries) + " |")
         lines.append("")
     lines += [
-        "What changed between the two columns (`moejax/kernels/cpu.py`, `moejax/ops/dispatch.py`): "
+        "What changed between `before` and `after` (`moejax/kernels/cpu.py`, "
+        "`moejax/ops/dispatch.py`): "
         "every gmm/tgmm output used to start from `jnp.zeros`, which XLA merged across calls into "
         "one buffer and then copied for each loop that updates it in place (the `fills` and "
         "`copies` lines); each call now computes its own zeros from its operands. `unpermute` "
@@ -311,6 +319,16 @@ def _profile_section(profile):
         "sort. Temporaries fell by the sizes in the table; since XLA:CPU allocates a call's "
         "temporaries afresh and this VM charges 2-3 µs of system time per 4 KiB page touched, "
         "that is most of the CPU time saved.",
+        "",
+        "What changed between `after` and `fused VJP` (`moejax/ops/dropless.py`): the gather of "
+        "the sorted copies, the experts' grouped FFN and the gate-weighted combine are one custom "
+        "VJP instead of three ops differentiated one by one. Its residuals are the hidden "
+        "pre-activations only: the sorted copies are gathered again from the input in the "
+        "backward pass (on the cpu backend), the activations are recomputed, and the expert "
+        "outputs are not kept, since the gate gradients `<dy[t], a[r] · w_out[e]>` equal "
+        "`<dy[t] · w_out[e]ᵀ, a[r]>`, a row sum over a product the input gradient computes "
+        "anyway. Each backward step waits for the previous one, so fewer `[T·k, d_ff]` buffers "
+        "are live at once: the temporaries and page-fault lines.",
         "",
         "What is left: see the summary table at the top of this section. The `balanced einsum` "
         "rows are the experts alone, as XLA's batched matmuls on equal groups, with no router and "

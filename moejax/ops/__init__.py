@@ -1,6 +1,6 @@
 """Pure functions on arrays: routing, dispatch and the grouped-matmul front end."""
 
-from moejax.ops import dispatch, ffn, routing
+from moejax.ops import dispatch, dropless, ffn, routing
 from moejax.ops.gmm import gmm, tgmm
 
-__all__ = ["dispatch", "ffn", "gmm", "routing", "tgmm"]
+__all__ = ["dispatch", "dropless", "ffn", "gmm", "routing", "tgmm"]
