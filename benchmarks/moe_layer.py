@@ -175,14 +175,34 @@ def _peak_bytes(fn, *args):
             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
 
 
+def _cpu_jiffies():
+    """(steal, total) jiffies of all CPUs from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _steal_share(before, after):
+    """Share of the CPUs' time the hypervisor gave to other guests between two readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _timed(fn, params, x):
-    """Wall and CPU seconds and minor page faults of one call, right after an untimed call."""
+    """Wall and CPU seconds, minor page faults and the hypervisor's steal share of one call,
+    right after an untimed call."""
     jax.block_until_ready(fn(params, x))  # untimed: the case's own memory state
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jiffies = _cpu_jiffies()
     wall, cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(params, x))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    steal = _steal_share(jiffies, _cpu_jiffies())
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, steal
 
 
 def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
@@ -193,15 +213,17 @@ def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
     for name, (fn, params) in cases.items():
         for _ in range(2):
             jax.block_until_ready(fn(params, x))  # compile, then one run
-        rows[name] = {"wall": [], "cpu": [], "faults": [], "peak_bytes": _peak_bytes(fn, params, x)}
+        rows[name] = {"wall": [], "cpu": [], "faults": [], "steal": [],
+                      "peak_bytes": _peak_bytes(fn, params, x)}
     order = list(cases)
     for r in range(repeats):
         for name in order[r % len(order):] + order[:r % len(order)]:
             fn, params = cases[name]
-            wall, cpu, faults = _timed(fn, params, x)
+            wall, cpu, faults, steal = _timed(fn, params, x)
             rows[name]["wall"].append(wall)
             rows[name]["cpu"].append(cpu)
             rows[name]["faults"].append(faults)
+            rows[name]["steal"].append(steal)
     load_after = os.getloadavg()[0]
     base = rows.get("dense_ffn")
     out = []
@@ -214,6 +236,9 @@ def measure(names, num_tokens, num_experts, d, f, k, activation, repeats):
             "cpu_ratio_to_dense_ffn": cpu / statistics.median(base["cpu"]) if base else None,
             "peak_mib": row["peak_bytes"] / 2**20, "times": row["wall"],
             "page_faults": statistics.median(row["faults"]),
+            # The hypervisor's steal share of the CPUs during the timed calls (all of them): on a
+            # shared VM, wall time with steal is time this process was not running.
+            "steal": statistics.fmean(row["steal"]),
             "load_before": load_before, "load_after": load_after,
         })
     return out
@@ -284,7 +309,8 @@ def _summary_child(path, repeats):
                 rows.append(row)
                 print(f"{activation:>4} E={num_experts:<3} {row['case']:<16} {row['seconds']:.4f} s"
                       f"  x dense {row['ratio_to_dense_ffn']:.2f}  cpu x dense "
-                      f"{row['cpu_ratio_to_dense_ffn']:.2f}  faults {row['page_faults']:.0f}",
+                      f"{row['cpu_ratio_to_dense_ffn']:.2f}  faults {row['page_faults']:.0f}"
+                      f"  steal {100 * row['steal']:.0f} %",
                       flush=True)
     with open(path, "w") as fh:
         json.dump(rows, fh)

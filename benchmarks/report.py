@@ -57,6 +57,7 @@ def _summary_section(summary):
     runs = summary["runs"]
     loads = [r[key] for run in runs for r in run["results"]
              for key in ("load_before", "load_after")]
+    steal = all("steal" in r for run in runs for r in run["results"])
     tunables = "; ".join(f"{run['allocator']}: `GLIBC_TUNABLES={run['glibc_tunables']}`"
                          for run in runs if run["glibc_tunables"])
     lines = [
@@ -73,11 +74,15 @@ def _summary_section(summary):
         "already faulted in: no page faults, what is left is the computation. The layer's "
         "outputs include E experts' weight gradients, E / k times the dense FFN's (128 MiB "
         "against 4 MiB at E = 64). × dense: wall-clock ratio to the dense FFN of the same process "
-        "(CPU-time ratio in parentheses); faults: minor page faults per call.",
+        "(CPU-time ratio in parentheses); faults: minor page faults per call"
+        + ("; steal: the hypervisor's share of the 2 CPUs given to other guests during the timed "
+           "calls of the dense FFN / the dropless layer (this is a shared VM: wall time under "
+           "steal is time the process was not running)" if steal else "") + ".",
         "",
         "| activation | E | allocator | dense FFN s | dropless | balanced einsum (experts alone) "
-        "| capacity cf=1.0 | faults: dense / dropless | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| capacity cf=1.0 | faults: dense / dropless |" + (" steal % |" if steal else "")
+        + " target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if steal else ""),
     ]
     for activation in dict.fromkeys(r["activation"] for run in runs for r in run["results"]):
         for experts in TARGETS:
@@ -98,7 +103,9 @@ def _summary_section(summary):
                     f"| {activation} | {experts} | {run['allocator']} | {dense['seconds']:.3f} | "
                     f"{ratio('dropless')} | {ratio('balanced einsum')} | "
                     f"{ratio('capacity cf=1.0')} | {dense['page_faults']:.0f} / "
-                    f"{d['page_faults']:.0f} | ≤ {TARGETS[experts]} | {met} |")
+                    f"{d['page_faults']:.0f} |"
+                    + (f" {100 * dense['steal']:.0f} / {100 * d['steal']:.0f} |" if steal else "")
+                    + f" ≤ {TARGETS[experts]} | {met} |")
     lines.append("")
 
     def seconds(run, case):
@@ -156,7 +163,7 @@ def _moe_layer_section(data, order, profile, summary=None):
     lines += ["![moe layer](results/moe_layer.png)", ""]
     lines += _shapes_section(data)
     lines += _order_section(order)
-    lines += _profile_section(profile)
+    lines += _profile_section(profile, summary)
     return lines
 
 
@@ -242,7 +249,7 @@ def _memory_floor_section(data):
     return lines + [""]
 
 
-def _profile_section(profile):
+def _profile_section(profile, summary=None):
     lines = ["### Where the dropless layer's time goes (`benchmarks/moe_profile.py`)", ""]
     if not profile or not {"before", "after"} <= set(profile):
         return lines + ["Not run yet: `python benchmarks/moe_profile.py --label before|after`.", ""]
@@ -333,20 +340,35 @@ def _profile_section(profile):
         "What is left: see the summary table at the top of this section. The `balanced einsum` "
         "rows are the experts alone, as XLA's batched matmuls on equal groups, with no router and "
         "no dispatch, and `capacity cf=1.0` is the same batched matmuls behind the router and the "
-        "slot gathers. At E = 64 both are near or above the 1.3 target under every allocator: E "
-        "experts' weight gradients (E·d_model·d_ff·2 floats, 128 MiB at E = 64 against 4 MiB for "
-        "the dense FFN) are written on every call, to fresh pages unless the allocator keeps its "
-        "memory, and the matmuls are smaller. The dropless layer's grouped matmuls run as loops of "
-        "row chunks: each chunk is one XLA dot that packs its expert's weights again, writes a "
-        "fresh result that a dynamic-update-slice copies into the "
-        "output, and, for the weight gradients, an `[d_model, d_ff]` block per group plus the "
-        "zero fill of the E-expert output. With memory kept (no page faults) the layer stays at "
-        "1.6× at E = 64 while the batched-matmul cases are at 1.26-1.38×: that difference is "
-        "these per-chunk and per-group costs plus the router, which XLA's batched dot does not "
-        "pay on equal groups.",
+        "slot gathers. E experts' weight gradients (E·d_model·d_ff·2 floats, 128 MiB at E = 64 "
+        "against 4 MiB for the dense FFN) are written on every call, to fresh pages unless the "
+        "allocator keeps its memory, and the matmuls are smaller. The dropless layer's grouped "
+        "matmuls run as loops of row chunks: each chunk is one XLA dot that packs its expert's "
+        "weights again and writes a fresh result that a dynamic-update-slice copies into the "
+        "output; for the weight gradients, one `[d_model, d_ff]` block per group plus the zero "
+        "fill of the E-expert output."
+        + _kept_gap(summary),
         "",
     ]
     return lines
+
+
+def _kept_gap(summary):
+    """The E = 64 ratios without page faults (the summary's "memory kept" run), in words."""
+    kept = [run for run in (summary or {}).get("runs", []) if run["glibc_tunables"]
+            and "mmap_max=0" in run["glibc_tunables"]]
+    if not kept:
+        return ""
+    rows = [r for r in kept[0]["results"] if r["experts"] == 64]
+
+    def span(cases):
+        ratios = [r["ratio_to_dense_ffn"] for r in rows if r["case"] in cases]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}×"
+
+    return (" With memory kept (no page faults), at E = 64 the dropless layer is at "
+            f"{span(['dropless'])} the dense FFN while the batched-matmul cases are at "
+            f"{span(['balanced einsum', 'capacity cf=1.0'])}: that difference is these per-chunk "
+            "and per-group costs, which XLA's batched dot does not pay on equal groups.")
 
 
 def _shapes_section(data):
