@@ -1,4 +1,5 @@
-"""Helpers every kernel backend shares: dtype promotion and ``pallas_call`` output types."""
+"""Helpers every kernel backend shares: dtype promotion, ``pallas_call`` output types, and a False
+that XLA cannot fold (to order or keep apart what XLA would merge)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,16 @@ def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
     varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
     return jax.ShapeDtypeStruct(
         shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
+def false_from(*values) -> jax.Array:
+    """A False scalar that XLA computes from ``values`` and cannot fold: ``(a != a) & (a == a)`` is
+    False for every ``a`` (NaN included), ``a`` each value's first element (empty values are
+    skipped). What depends on it is computed after ``values`` and is not merged with an equal
+    expression that does not."""
+    false = jnp.zeros((), jnp.bool_)
+    for value in values:
+        if value.size:
+            a = value.reshape(-1)[0].astype(jnp.float32)
+            false = false | ((a != a) & (a == a))
+    return false

@@ -165,17 +165,6 @@ def _operands(lhs, rhs):
     return jax.lax.optimization_barrier((lhs.astype(dtype), rhs.astype(dtype)))
 
 
-def _false_from(*values):
-    """A False scalar that XLA computes from ``values`` and cannot fold: ``(a != a) & (a == a)`` is
-    False for every ``a`` (NaN included)."""
-    false = jnp.zeros((), jnp.bool_)
-    for value in values:
-        if value.size:
-            a = value.reshape(-1)[0].astype(jnp.float32)
-            false = false | ((a != a) & (a == a))
-    return false
-
-
 def _own_zeros(shape, dtype, *operands):
     """Zeros for a loop to update in place, computed from this call's operands.
 
@@ -184,7 +173,7 @@ def _own_zeros(shape, dtype, *operands):
     written, and faulted in, per call. Zeros computed from the operands stay this call's own, and
     are not allocated before the operands exist.
     """
-    return jnp.broadcast_to(_false_from(*operands).astype(dtype), shape)
+    return jnp.broadcast_to(common.false_from(*operands).astype(dtype), shape)
 
 
 def _chunk_start(nominal, group_end, c: int, m: int):

@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.common import false_from
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops.ffn import ExpertFFN, activation_fn
 from moejax.ops.gmm import gmm, resolve_backend, tgmm
@@ -49,47 +50,30 @@ def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_Tx
             f"dropless_ffn: x {x_TxD.shape}, weights {weights_TxK.shape} and the sorted copies "
             f"({copies.order_TK.shape[0]}) must agree on T = {num_tokens} tokens, k = {k}")
     regather = resolve_backend(experts.gmm_backend) == "cpu"
-    config = (k, experts.activation, experts.gmm_backend, experts.gmm_tiling,
-              experts.gmm_interpret, regather)
     with jax.named_scope("dropless_ffn"):
         x_TxD, weights_TxK, order_TK, inverse_TK = dispatch_ops._varying_as_all(
             x_TxD, weights_TxK, copies.order_TK, copies.inverse_TK)
-        return _dropless(config, x_TxD, weights_TxK, order_TK, inverse_TK, copies.group_sizes_E,
-                         experts.w_in, experts.w_up, experts.w_out)
-
-
-def _gmm(config, lhs, rhs, group_sizes, transpose_rhs=False):
-    _, _, backend, tiling, interpret, _ = config
-    return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, backend=backend, tiling=tiling,
-               interpret=interpret)
-
-
-def _tgmm(config, lhs, rhs, group_sizes):
-    _, _, backend, tiling, interpret, _ = config
-    return tgmm(lhs, rhs, group_sizes, backend=backend, tiling=tiling, interpret=interpret)
-
-
-def _false_from(value):
-    """A False scalar computed from ``value``'s first element that XLA cannot fold."""
-    a = value.reshape(-1)[0].astype(jnp.float32)
-    return (a != a) & (a == a)
+        return _dropless((k, regather), x_TxD, weights_TxK, order_TK, inverse_TK,
+                         copies.group_sizes_E, experts)
 
 
 def _after(x, dep):
     """``x``, computed no earlier than ``dep`` (a dependency XLA cannot fold away)."""
-    return jnp.where(_false_from(dep), jnp.zeros_like(x), x)
+    return jnp.where(false_from(dep), jnp.zeros_like(x), x)
 
 
-def _forward(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up, w_out):
-    k, activation = config[:2]
+def _forward(k, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+    def mm(lhs, rhs):
+        return gmm(lhs, rhs, group_sizes, **experts.gmm_options)
+
     with jax.named_scope("permute"):
         x_perm = dispatch_ops._rows(x_TxD, dispatch_ops._tokens(order_TK, k))
-    h = _gmm(config, x_perm, w_in, group_sizes)
-    up = None if w_up is None else _gmm(config, x_perm, w_up, group_sizes)
-    a = activation_fn(activation)(h)
+    h = mm(x_perm, experts.w_in)
+    up = None if experts.w_up is None else mm(x_perm, experts.w_up)
+    a = activation_fn(experts.activation)(h)
     if up is not None:
         a = a * up
-    y_perm = _gmm(config, a, w_out, group_sizes)
+    y_perm = mm(a, experts.w_out)
     with jax.named_scope("unpermute"):
         y = dispatch_ops._weighted_rows(y_perm, weights_TxK,
                                         inverse_TK.reshape(weights_TxK.shape))
@@ -97,38 +81,43 @@ def _forward(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dropless(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up, w_out):
-    return _forward(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up,
-                    w_out)[0]
+def _dropless(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+    return _forward(config[0], x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts)[0]
 
 
-def _dropless_fwd(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up,
-                  w_out):
-    y, (x_perm, h, up) = _forward(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes,
-                                  w_in, w_up, w_out)
-    regather = config[-1]
+def _dropless_fwd(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+    k, regather = config
+    y, (x_perm, h, up) = _forward(k, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes,
+                                  experts)
     kept = None if regather else x_perm
-    return y, (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up, w_out, h, up,
-               kept)
+    return y, (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up, kept)
 
 
 def _dropless_bwd(config, residuals, dy_TxD):
     with jax.named_scope("backward"):
-        return _backward(config, residuals, dy_TxD)
+        return _backward(config[0], residuals, dy_TxD)
 
 
-def _backward(config, residuals, dy_TxD):
-    k, activation = config[:2]
-    (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, w_in, w_up, w_out, h, up,
+def _backward(k, residuals, dy_TxD):
+    (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up,
      x_perm) = residuals
+    w_in, w_up, w_out = experts.weights
+
+    def mm_t(lhs, rhs):  # lhs · rhs[e]ᵀ
+        return gmm(lhs, rhs, group_sizes, transpose_rhs=True,
+                   **experts.gmm_options).astype(jnp.float32)
+
+    def weight_grad(lhs, rhs, like):
+        return tgmm(lhs, rhs, group_sizes, **experts.gmm_options).astype(like.dtype)
+
     dtype = x_TxD.dtype
     tokens_TK = dispatch_ops._tokens(order_TK, k)
     inverse_TxK = inverse_TK.reshape(weights_TxK.shape)
     # Unweighted cotangent rows, then g = dy_perm · w_out[e]ᵀ (the gates are applied after).
     with jax.named_scope("unpermute"):
         dy_perm = dispatch_ops._rows(dy_TxD.astype(jnp.float32), tokens_TK).astype(dtype)
-    g = _gmm(config, dy_perm, w_out, group_sizes, transpose_rhs=True).astype(jnp.float32)
-    act, act_vjp = jax.vjp(activation_fn(activation), h)
+    g = mm_t(dy_perm, w_out)
+    act, act_vjp = jax.vjp(activation_fn(experts.activation), h)
     a = act if up is None else act * up
     a = a.astype(jnp.float32)
     # d gate = <dy[t], a[r] · w_out[e]> = <g[r], a[r]>.
@@ -138,7 +127,7 @@ def _backward(config, residuals, dy_TxD):
     gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
     # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g).
     a_w = (_after(gate_TK, d_gate_TK) * a).astype(dtype)
-    d_w_out = _tgmm(config, a_w, dy_perm, group_sizes)
+    d_w_out = weight_grad(a_w, dy_perm, w_out)
     da = _after(_after(gate_TK, g) * g, d_w_out).astype(h.dtype)
     if up is None:
         (dh,) = act_vjp(da)
@@ -151,21 +140,20 @@ def _backward(config, residuals, dy_TxD):
         # Gathered again, after w_out's gradient: not kept alive through the backward pass.
         with jax.named_scope("permute"):
             x_perm = dispatch_ops._rows(
-                x_TxD, tokens_TK + _false_from(d_w_out).astype(tokens_TK.dtype))
-    dx_perm = _gmm(config, dh, w_in, group_sizes, transpose_rhs=True).astype(jnp.float32)
-    d_w_in = _tgmm(config, x_perm, dh, group_sizes)
+                x_TxD, tokens_TK + false_from(d_w_out).astype(tokens_TK.dtype))
+    dx_perm = mm_t(dh, w_in)
+    d_w_in = weight_grad(x_perm, dh, w_in)
     d_w_up = None
     if d_up is not None:
-        dx_perm = dx_perm + _gmm(config, d_up, w_up, group_sizes,
-                               transpose_rhs=True).astype(jnp.float32)
-        d_w_up = _tgmm(config, x_perm, d_up, group_sizes).astype(w_up.dtype)
+        dx_perm = dx_perm + mm_t(d_up, w_up)
+        d_w_up = weight_grad(x_perm, d_up, w_up)
     # A token's k copies add up: one gather per choice, summed in f32 in one pass.
     with jax.named_scope("permute"):
         dx_TxD = dispatch_ops._rows(dx_perm, inverse_TxK[:, 0])
         for j in range(1, k):
             dx_TxD = dx_TxD + dispatch_ops._rows(dx_perm, inverse_TxK[:, j])
     return (dx_TxD.astype(x_TxD.dtype), d_weights_TxK, None, None, None,
-            d_w_in.astype(w_in.dtype), d_w_up, d_w_out.astype(w_out.dtype))
+            experts.with_weights(d_w_in, d_w_up, d_w_out))
 
 
 _dropless.defvjp(_dropless_fwd, _dropless_bwd)

@@ -85,12 +85,17 @@ class ExpertFFN:
         return ffn(x, self.w_in, self.w_out, self.w_up, activation=self.activation,
                    matmul=matmul)
 
+    @property
+    def gmm_options(self) -> dict:
+        """How these experts run ``moejax.ops.gmm`` / ``tgmm``: backend, tiling, interpret mode."""
+        return dict(backend=self.gmm_backend, tiling=self.gmm_tiling,
+                    interpret=self.gmm_interpret)
+
     def grouped(self, x_RxD, group_sizes_E, group_offset=None):
         """Dropless: rows sorted by expert, ``group_sizes_E`` rows each (``group_offset``: the
         first expert these weights hold, under expert parallelism)."""
         matmul = functools.partial(gmm, group_sizes=group_sizes_E, group_offset=group_offset,
-                                   backend=self.gmm_backend, tiling=self.gmm_tiling,
-                                   interpret=self.gmm_interpret)
+                                   **self.gmm_options)
         return self._ffn(x_RxD, matmul)
 
     def batched(self, x_ExCxD):
