@@ -153,27 +153,33 @@ def test_lax_ragged_dot_and_its_gradient_compile_for_tpu(chip):
     assert "ragged" in compiled.as_text()
 
 
-def _sharded_layer_step_hlo(dispatch):
-    """The optimized TPU HLO of the expert-parallel layer's gradient step (v5e:2x2, expert=4)."""
+def _layer_step_hlo(dispatch, sharded=True):
+    """The optimized TPU HLO of the layer's gradient step on v5e: expert-parallel over a 2x2 slice
+    (expert=4), or (``sharded=False``) on one chip, where dropless runs ``moejax.ops.dropless``."""
+    import contextlib
+
     from flax import nnx
 
-    mesh = parallel.make_mesh(expert=4, devices=_topology("v5e").devices)
+    mesh = parallel.make_mesh(expert=4, devices=_topology("v5e").devices) if sharded else None
     config = moejax.MoEConfig(d_model=128, d_ff=256, num_experts=8, experts_per_token=2,
                               router="mixtral", expert="glu", activation="silu",
                               dispatch=dispatch, gmm_backend="pallas_tpu", gmm_interpret=False,
                               dtype=jnp.bfloat16)
-    with parallel.use_mesh(mesh):
+    in_mesh = (lambda: parallel.use_mesh(mesh)) if sharded else contextlib.nullcontext
+    with in_mesh():
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: moejax.MoE(config, rngs=nnx.Rngs(0))))
-        shardings = parallel.state_shardings(abstract, mesh)
+        shardings = (parallel.state_shardings(abstract, mesh) if sharded
+                     else jax.tree.map(lambda _: _one_chip("v5e"), abstract))
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                          abstract, shardings)
-    x = jax.ShapeDtypeStruct((4, 64, 128), jnp.bfloat16, sharding=parallel.batch_sharding(mesh))
+    x = jax.ShapeDtypeStruct((4, 64, 128), jnp.bfloat16, sharding=parallel.batch_sharding(mesh)
+                             if sharded else _one_chip("v5e"))
 
     def loss(state, x):
         y, aux = nnx.merge(graphdef, state)(x)
         return jnp.sum(y.astype(jnp.float32) ** 2) + aux.total_loss
 
-    with parallel.use_mesh(mesh):
+    with in_mesh():
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
     return [line for line in text.splitlines() if " = " in line]
 
@@ -188,7 +194,7 @@ def test_the_sharded_capacity_step_moves_rows_without_scatters():
     """Capacity dispatch fills its [E, C, D] buffer and combines from it by gathers whose backward
     passes are gathers too (autodiff of a gather scatter-adds rows, which the TPU compiler emits as
     code growing with the number of rows)."""
-    instructions = _sharded_layer_step_hlo("capacity")
+    instructions = _layer_step_hlo("capacity")
     assert any(" all-to-all(" in line for line in instructions)
     row_scatters = _row_scatters(instructions)
     assert not row_scatters, row_scatters[0][:200]
@@ -200,7 +206,21 @@ def test_the_sharded_dropless_step_has_one_sort_and_no_row_scatter():
     per device each such op took 2-8 s to compile and 1-3 MB of code. The expert-parallel dropless
     step sorts only the local copies once (the receiver's order follows from the counts) and moves
     rows only by gathers, forward and backward."""
-    instructions = _sharded_layer_step_hlo("dropless")
+    instructions = _layer_step_hlo("dropless")
+    sorts = [line for line in instructions if " sort(" in line and "top_k" not in line]
+    assert len(sorts) == 1 and "sort_copies" in sorts[0]
+    row_scatters = _row_scatters(instructions)
+    assert not row_scatters, row_scatters[0][:200]
+
+
+def test_the_one_chip_dropless_step_compiles_with_the_pallas_kernels_and_no_row_scatter():
+    """On one chip the dropless layer is ``moejax.ops.dropless``' custom VJP: compiled by the TPU
+    compiler in bf16, every gmm and tgmm of the GLU experts is a Pallas kernel (three forward,
+    three transposed, three weight gradients), the copies are sorted once, and rows move only by
+    gathers, forward and backward."""
+    instructions = _layer_step_hlo("dropless", sharded=False)
+    kernels = [line for line in instructions if 'custom_call_target="tpu_custom_call"' in line]
+    assert len(kernels) >= 9
     sorts = [line for line in instructions if " sort(" in line and "top_k" not in line]
     assert len(sorts) == 1 and "sort_copies" in sorts[0]
     row_scatters = _row_scatters(instructions)
