@@ -260,3 +260,26 @@ def test_chunks_cover_each_group_and_stay_inside_it_unless_the_group_is_smaller(
         assert covered[start:end].all()
         computed = sum(count_G[g] * c for c, count_G in zip(plan.sizes, counts))
         assert computed < 2 * (end - start) + plan.sizes[-1]
+
+
+def test_chunks_that_run_into_later_groups_or_past_the_local_rows():
+    # m = 300, tm = 64, sizes 10, 0, 45, 200, 20 (sum 275): groups smaller than a chunk next to
+    # other groups, a group of several whole chunks and a remainder, and the last local group
+    # followed by rows of non-local groups (offsets 1 and 2) or of no group (rows 275-299), which
+    # must stay 0 whatever chunk covers the group.
+    m, k, n = 300, 7, 5
+    sizes = np.asarray([10, 0, 45, 200, 20], np.int32)
+    lhs = jax.random.normal(jax.random.key(0), (m, k))
+    rhs_all = jax.random.normal(jax.random.key(1), (5, k, n))
+    for offset, num_local in [(0, 5), (1, 3), (2, 1)]:
+        rhs = rhs_all[offset:offset + num_local]
+        for transpose_rhs in (False, True):
+            r = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+            out = _gmm(lhs, r, jnp.asarray(sizes), group_offset=offset, tiling=(64, 128, 128),
+                       transpose_rhs=transpose_rhs)
+            want = np.zeros((m, n), np.float32)
+            ends = np.cumsum(sizes)
+            for g in range(offset, offset + num_local):
+                rows = slice(ends[g] - sizes[g], ends[g])
+                want[rows] = np.asarray(lhs)[rows] @ np.asarray(rhs_all[g])
+            np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
