@@ -29,6 +29,7 @@ time; process CPU time medians too (they move less when other processes share th
     python benchmarks/moe_layer.py --tokens 8192 --experts 8 64 --cases dense_ffn dropless
     python benchmarks/moe_layer.py --order-effect        # why the old dense baseline was slow
     python benchmarks/moe_layer.py --summary             # the targets, under three allocators
+    python benchmarks/moe_layer.py --steps               # dense FFN -> dropless, one change a step
 """
 
 from __future__ import annotations
@@ -140,6 +141,56 @@ def onehot_case(d, f, num_experts, k, capacity_factor, num_tokens, activation, k
     return _value_and_grad(loss), params
 
 
+def _fixed_routing(num_tokens, num_experts, k, key):
+    """A top-k routing drawn once, as an untrained router's: softmax gates of random logits."""
+    probs = jax.nn.softmax(jax.random.normal(key, (num_tokens, num_experts)), axis=-1)
+    gates_TxK, indices_TxK = jax.lax.top_k(probs, k)
+    return indices_TxK.astype(jnp.int32), gates_TxK
+
+
+def copies_ffn_case(num_tokens, d, f, num_experts, k, activation, key):
+    """The MoE's shapes with one FFN: every token's k copies gathered in a routed order (sorted by
+    expert, as the dropless layer does), one FFN of ``d_ff`` hidden units on the ``T·k`` copies
+    (XLA's dots), the gate-weighted combine. Plain jnp and autodiff: what k copies of each token
+    cost with no experts."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"w_in": jax.random.normal(k1, (d, f)) * d ** -0.5,
+              "w_out": jax.random.normal(k2, (f, d)) * f ** -0.5}
+    indices_TxK, gates_TxK = _fixed_routing(num_tokens, num_experts, k, k3)
+    order_TK = jnp.argsort(indices_TxK.reshape(-1), stable=True)
+    tokens_TK = order_TK // k
+    inverse_TxK = jnp.argsort(order_TK).reshape(num_tokens, k)
+    act = ACTIVATIONS[activation]
+
+    def loss(params, x):
+        y_perm = act(x[tokens_TK] @ params["w_in"]) @ params["w_out"]
+        y = sum(gates_TxK[:, j, None] * y_perm[inverse_TxK[:, j]] for j in range(k))
+        return jnp.sum(y ** 2)
+
+    return _value_and_grad(loss), params
+
+
+def experts_gmm_case(num_tokens, d, f, num_experts, k, activation, key):
+    """The dropless layer without its router: the same fixed routing as ``copies ffn``, sorted
+    once outside the timed function, and ``moejax.ops.dropless.dropless_ffn`` (gather, E experts
+    on the ``cpu`` gmm backend, combine) with its gradients for the input and the experts."""
+    from moejax.ops import dispatch, dropless
+    from moejax.ops.ffn import ExpertFFN
+
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"w_in": jax.random.normal(k1, (num_experts, d, f)) * d ** -0.5,
+              "w_out": jax.random.normal(k2, (num_experts, f, d)) * f ** -0.5}
+    indices_TxK, gates_TxK = _fixed_routing(num_tokens, num_experts, k, k3)
+    copies = jax.jit(dispatch.sort_copies, static_argnums=1)(indices_TxK, num_experts)
+
+    def loss(params, x):
+        experts = ExpertFFN(w_in=params["w_in"], w_out=params["w_out"], activation=activation,
+                            gmm_backend="cpu")
+        return jnp.sum(dropless.dropless_ffn(x, copies, gates_TxK, experts) ** 2)
+
+    return _value_and_grad(loss), params
+
+
 def _onehot_fits(num_tokens, num_experts, k):
     capacity = math.ceil(1.25 * num_tokens * k / num_experts)
     return num_tokens * k * num_experts * capacity * 4 < 2e9  # the [T, k, E, C] f32 tensor
@@ -153,6 +204,10 @@ def make_cases(names, num_tokens, num_experts, d, f, k, activation):
             cases[name] = dense_ffn_case(d, f * k, activation, key)
         elif name == "balanced einsum":
             cases[name] = balanced_einsum_case(num_tokens, d, f, num_experts, k, activation, key)
+        elif name == "copies ffn":
+            cases[name] = copies_ffn_case(num_tokens, d, f, num_experts, k, activation, key)
+        elif name == "experts alone (gmm)":
+            cases[name] = experts_gmm_case(num_tokens, d, f, num_experts, k, activation, key)
         elif name == "dropless":
             cases[name] = moe_layer_case(layer_config(num_experts, d, f, k, activation))
         elif name.startswith("capacity cf="):
@@ -163,7 +218,7 @@ def make_cases(names, num_tokens, num_experts, d, f, k, activation):
             if _onehot_fits(num_tokens, num_experts, k):
                 cases[name] = onehot_case(d, f, num_experts, k, 1.25, num_tokens, activation, key)
         else:
-            raise ValueError(f"unknown case {name!r}; known: {CASES}")
+            raise ValueError(f"unknown case {name!r}; known: {CASES + STEP_CASES}")
     return cases
 
 
@@ -260,6 +315,36 @@ ALLOCATORS = (
      "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"),
 )
 SUMMARY_CASES = ("dense_ffn", "balanced einsum", "dropless", "capacity cf=1.0")
+
+
+# From the dense FFN to the dropless layer one change at a time (``--steps``): k copies of each
+# token through one FFN of d_ff hidden units (the MoE's shapes), the E experts on the same copies
+# through the grouped matmuls (no router), then the layer (router, sort, auxiliary losses). The
+# balanced einsum is the E experts as XLA's batched matmuls on equal groups, for comparison.
+STEP_CASES = ("copies ffn", "experts alone (gmm)")
+STEPS = ("dense_ffn", "copies ffn", "balanced einsum", "experts alone (gmm)", "dropless")
+
+
+def steps(repeats, out):
+    """The ``STEPS`` cases at T = 8192, E = 8 and 64, relu and gelu, in this process (glibc's
+    default allocator unless ``GLIBC_TUNABLES`` says otherwise). Writes ``moe_layer_steps.json``."""
+    rows = []
+    for activation in ACTIVATIONS:
+        for num_experts in (8, 64):
+            for row in measure(STEPS, 8192, num_experts, 512, 512, 2, activation, repeats):
+                rows.append(row)
+                print(f"{activation:>4} E={num_experts:<3} {row['case']:<20} {row['seconds']:.4f} s"
+                      f"  x dense {row['ratio_to_dense_ffn']:.2f}  cpu x dense "
+                      f"{row['cpu_ratio_to_dense_ffn']:.2f}  faults {row['page_faults']:.0f}"
+                      f"  steal {100 * row['steal']:.0f} %", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "d_model": 512, "d_ff": 512,
+            "k": 2, "tokens": 8192, "repeats": repeats}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "moe_layer_steps.json"), "w") as fh:
+        json.dump({"meta": meta, "results": rows}, fh, indent=1)
+    print(f"wrote {os.path.join(out, 'moe_layer_steps.json')}")
 
 
 def _transparent_hugepages():
@@ -431,7 +516,13 @@ def main():
                         help="only the targets' table (T = 8192, E = 8 and 64) under both "
                              "allocators (results/moe_layer_summary.json)")
     parser.add_argument("--summary-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", action="store_true",
+                        help="only the steps from the dense FFN to the dropless layer (T = 8192, "
+                             "E = 8 and 64; results/moe_layer_steps.json)")
     args = parser.parse_args()
+    if args.steps:
+        steps(args.repeats, args.out)
+        return
     if args.summary_child:
         _summary_child(args.summary_child, args.repeats)
         return

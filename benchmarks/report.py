@@ -124,7 +124,7 @@ def _summary_section(summary):
     return lines
 
 
-def _moe_layer_section(data, order, profile, summary=None):
+def _moe_layer_section(data, order, profile, summary=None, steps=None):
     lines = ["## MoE layer (`benchmarks/moe_layer.py`)", ""]
     if data is None:
         return lines + ["Not run yet: `python benchmarks/moe_layer.py`.", ""]
@@ -145,6 +145,7 @@ def _moe_layer_section(data, order, profile, summary=None):
         "",
     ]
     lines += _summary_section(summary) if summary else _summary(results)
+    lines += _steps_section(steps)
     for activation in dict.fromkeys(r["activation"] for r in results):
         title = {"relu": "relu", "gelu": "exact gelu (erf)"}.get(activation, activation)
         lines += [
@@ -164,6 +165,73 @@ def _moe_layer_section(data, order, profile, summary=None):
     lines += _shapes_section(data)
     lines += _order_section(order)
     lines += _profile_section(profile, summary)
+    return lines
+
+
+STEP_NOTES = {
+    "dense_ffn": "one FFN of d_ff·k hidden units on the T tokens (the baseline)",
+    "copies ffn": "k copies of each token gathered in routed order, one FFN of d_ff hidden units "
+                  "on the T·k copies, gate-weighted combine (the MoE's shapes, one expert, XLA's "
+                  "dots)",
+    "balanced einsum": "E experts on T·k / E copies each, XLA's batched matmuls, no gather (E "
+                       "experts' weights and gradients, equal groups)",
+    "experts alone (gmm)": "E experts on the copies of a fixed routing through "
+                           "`moejax.ops.dropless` (gather, grouped matmuls on the `cpu` backend, "
+                           "combine): the dropless layer without its router",
+    "dropless": "the layer: router, sort, the same experts, auxiliary losses",
+}
+
+
+def _steps_section(steps):
+    """From the dense FFN to the dropless layer one change at a time (``moe_layer.py --steps``)."""
+    if steps is None:
+        return []
+    meta, results = steps["meta"], steps["results"]
+    loads = [r[key] for r in results for key in ("load_before", "load_after")]
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    configs = list(dict.fromkeys((r["activation"], r["experts"]) for r in results))
+    cell = {(r["activation"], r["experts"], r["case"]): r for r in results}
+    lines = [
+        "### From the dense FFN to the dropless layer, one change at a time "
+        "(`python benchmarks/moe_layer.py --steps`)",
+        "",
+        f"Measured {meta['date']} on {meta['cpus']} cores, jax {meta['jax']}, in one process "
+        f"(allocator: glibc "
+        + (f"with `GLIBC_TUNABLES={meta['glibc_tunables']}`" if meta["glibc_tunables"]
+           else "default") +
+        f"), T = {meta['tokens']}, d_model {meta['d_model']}, d_ff {meta['d_ff']}, k = "
+        f"{meta['k']}, the method above, {meta['repeats']} interleaved repeats (medians), 1-minute "
+        f"load {min(loads):.1f}-{max(loads):.1f}. Each row adds one thing to the row above it, "
+        "so the differences between rows split the dropless layer's ratio into its parts "
+        "(`balanced einsum` is a side step: the E experts as batched matmuls on equal groups). "
+        "× dense: wall-clock ratio to the dense FFN of the same run (CPU-time ratio in "
+        "parentheses); faults: minor page faults per call.",
+        "",
+        "| case | what it adds | " + " | ".join(f"{a} E={e}" for a, e in configs) + " |",
+        "|---|---|" + "---|" * len(configs),
+    ]
+    for case in cases:
+        row = []
+        for activation, experts in configs:
+            r = cell.get((activation, experts, case))
+            row.append(f"{r['ratio_to_dense_ffn']:.2f} ({r['cpu_ratio_to_dense_ffn']:.2f}), "
+                       f"{r['page_faults'] / 1000:.0f}k faults" if r else "-")
+        lines.append(f"| {case} | {STEP_NOTES.get(case, '')} | " + " | ".join(row) + " |")
+    lines.append("")
+    for experts, target in TARGETS.items():
+        floors = []
+        for activation in dict.fromkeys(a for a, e in configs if e == experts):
+            r = [cell.get((activation, experts, case)) for case in
+                 ("copies ffn", "balanced einsum", "experts alone (gmm)", "dropless")]
+            if None in r:
+                continue
+            floors.append(
+                f"{activation}: k copies through one FFN {r[0]['ratio_to_dense_ffn']:.2f}×, the "
+                f"experts as batched matmuls on equal groups {r[1]['ratio_to_dense_ffn']:.2f}×, "
+                f"through the grouped matmuls {r[2]['ratio_to_dense_ffn']:.2f}×, the layer "
+                f"{r[3]['ratio_to_dense_ffn']:.2f}×")
+        if floors:
+            lines += [f"E = {experts} (target ≤ {target}): " + "; ".join(floors) + ".", ""]
     return lines
 
 
@@ -527,7 +595,8 @@ def main():
     ]
     lines += _gmm_section(_load("gmm_cpu.json"))
     lines += _moe_layer_section(_load("moe_layer.json"), _load("moe_layer_order.json"),
-                                _load("moe_profile.json"), _load("moe_layer_summary.json"))
+                                _load("moe_profile.json"), _load("moe_layer_summary.json"),
+                                _load("moe_layer_steps.json"))
     lines += _memory_floor_section(_load("memory_floor.json"))
     lines += _train_section(_load("train_cpu.json"))
     parallel = os.path.join(RESULTS, "parallel.txt")

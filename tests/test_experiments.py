@@ -167,3 +167,39 @@ def test_committed_benchmark_results_are_what_report_py_writes_from_the_committe
     with open(os.path.join(root, "benchmarks", "RESULTS.md")) as f:
         committed = f.read()
     assert (tmp_path / "RESULTS.md").read_text() == committed
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_moe_layer_benchmark_step_cases_compute_what_they_claim(activation):
+    """``moe_layer.py --steps``: the k-copies FFN and the router-less experts give the loss of a
+    per-token NumPy loop over the same fixed routing, and gradients for the input and weights."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+
+    root = os.path.dirname(EXPERIMENTS)
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_moe_layer", os.path.join(root, "benchmarks", "moe_layer.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    num_tokens, d, f, num_experts, k = 48, 16, 8, 4, 2
+    x = np.asarray(jax.random.normal(jax.random.key(1), (num_tokens, d)))
+    key = jax.random.key(0)
+    indices, gates = (np.asarray(a) for a in bench._fixed_routing(
+        num_tokens, num_experts, k, jax.random.split(key, 3)[2]))
+    act = {"relu": lambda h: np.maximum(h, 0.0),
+           "gelu": lambda h: 0.5 * h * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))}[activation]
+    for case, per_expert in ((bench.copies_ffn_case, False), (bench.experts_gmm_case, True)):
+        fn, params = case(num_tokens, d, f, num_experts, k, activation, key)
+        (loss, (d_params, d_x)) = fn(params, x)
+        w_in, w_out = (np.asarray(params[name], np.float64) for name in ("w_in", "w_out"))
+        y = np.zeros((num_tokens, d))
+        for t in range(num_tokens):
+            for j in range(k):
+                e = indices[t, j]
+                wi, wo = (w_in[e], w_out[e]) if per_expert else (w_in, w_out)
+                y[t] += gates[t, j] * (act(x[t] @ wi) @ wo)
+        np.testing.assert_allclose(float(loss), np.sum(y ** 2), rtol=1e-4)
+        assert d_x.shape == x.shape and d_params["w_in"].shape == params["w_in"].shape
+        assert np.all(np.isfinite(np.asarray(d_x))) and np.any(np.asarray(d_params["w_out"]) != 0)
