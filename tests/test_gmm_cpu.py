@@ -283,3 +283,30 @@ def test_chunks_that_run_into_later_groups_or_past_the_local_rows():
                 rows = slice(ends[g] - sizes[g], ends[g])
                 want[rows] = np.asarray(lhs)[rows] @ np.asarray(rhs_all[g])
             np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[40, 0, 77, 3, 100], [0, 0, 220, 0, 0], [5, 9, 0, 30, 11]])
+def test_gathered_operands_equal_gathering_first(sizes):
+    # lhs_rows / rhs_rows: each chunk gathers its rows; equal to the kernels on x[idx] (the same
+    # rows, so the same matmuls: bit for bit), for both rhs layouts and rows past sum(sizes).
+    m, t, k, n = 220, 150, 9, 6
+    sizes = jnp.asarray(sizes, jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (t, k))
+    d = jax.random.normal(jax.random.key(1), (t, n))
+    idx = jax.random.randint(jax.random.key(2), (m,), 0, t, jnp.int32)
+    w = jax.random.normal(jax.random.key(3), (5, k, n))
+    tiling = (32, 128, 128)
+    kw = dict(preferred_element_type=jnp.float32, tiling=tiling, interpret=None)
+    gathered = jax.jit(lambda x, w, idx: cpu.gmm(x, w, sizes, 0, transpose_rhs=False,
+                                                  lhs_rows=idx, **kw))(x, w, idx)
+    np.testing.assert_array_equal(gathered, cpu.gmm(x[idx], w, sizes, 0, transpose_rhs=False, **kw))
+    # transpose_rhs: d[idx] · w[e]ᵀ, contracting with w's last axis.
+    gathered_t = cpu.gmm(d, w, sizes, 0, transpose_rhs=True, lhs_rows=idx, **kw)
+    np.testing.assert_array_equal(gathered_t, cpu.gmm(d[idx], w, sizes, 0, transpose_rhs=True, **kw))
+    want = cpu.tgmm(x[idx], d[idx], sizes, 0, num_groups=5, **kw)
+    np.testing.assert_array_equal(
+        cpu.tgmm(x, d[idx], sizes, 0, num_groups=5, lhs_rows=idx, **kw), want)
+    np.testing.assert_array_equal(
+        cpu.tgmm(x[idx], d, sizes, 0, num_groups=5, rhs_rows=idx, **kw), want)
+    np.testing.assert_allclose(want, numpy_tgmm(x[idx], d[idx], sizes, 0, 5), rtol=1e-5,
+                               atol=1e-5)

@@ -40,6 +40,12 @@ written once. Per group that is one matmul more than ``s / tm`` at most, and at 
 Empty groups are skipped (an empty group's weights are never read; its block keeps the output's
 zeros).
 
+Gathered operands: ``gmm(..., lhs_rows=idx)`` multiplies ``lhs[idx]`` and ``tgmm(...,
+lhs_rows=, rhs_rows=)`` takes either operand so, each chunk gathering its rows where it would
+slice them. XLA:CPU copies a dynamically sliced matmul operand into a buffer of its own anyway, so
+the gather costs that copy and no more, and the gathered ``[m, k]`` operand is never written
+(``moejax.ops.dropless`` passes the token rows of the sorted copies this way).
+
 Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
 transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
 copy of ``rhs``), and ``drhs = tgmm(lhs, dout)``.
@@ -181,11 +187,21 @@ def _chunk_start(nominal, group_end, c: int, m: int):
     return jnp.clip(jnp.minimum(nominal, group_end - c), 0, m - c)
 
 
+def _chunk_rows(x, row, c: int, index=None):
+    """Rows ``row .. row + c`` of ``x``, or of ``x[index]`` without building ``x[index]``."""
+    if index is None:
+        return jax.lax.dynamic_slice_in_dim(x, row, c)
+    return x.at[jax.lax.dynamic_slice_in_dim(index, row, c)].get(mode="promise_in_bounds")
+
+
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
-        interpret):
-    """``out[rows_i] = lhs[rows_i] @ rhs[i - group_offset]`` for the local groups; other rows 0."""
+        interpret, lhs_rows=None):
+    """``out[rows_i] = lhs[rows_i] @ rhs[i - group_offset]`` for the local groups; other rows 0.
+
+    With ``lhs_rows`` (int [m], every index in range) the operand is ``lhs[lhs_rows]``, gathered
+    chunk by chunk instead of slice by slice: the ``[m, k]`` operand is never built."""
     del interpret
-    m = lhs.shape[0]
+    m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type)
@@ -205,7 +221,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
 
             def chunk(j, c=c, first=first):
                 row = _chunk_start(first + j * c, end, c, m)
-                x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
+                x_CxK = _chunk_rows(lhs, row, c, lhs_rows)
                 y_CxN = jax.lax.dot_general(x_CxK, rhs_g, dims, preferred_element_type=jnp.float32)
                 return row, y_CxN.astype(out_dtype)
 
@@ -244,10 +260,13 @@ def closing_sizes(m: int, tm: int) -> tuple[int, ...]:
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_type, tiling,
-         interpret):
-    """``out[i] = lhs[rows_j].T @ rhs[rows_j]`` with ``j = group_offset + i``; empty group -> 0."""
+         interpret, lhs_rows=None, rhs_rows=None):
+    """``out[i] = lhs[rows_j].T @ rhs[rows_j]`` with ``j = group_offset + i``; empty group -> 0.
+
+    ``lhs_rows`` / ``rhs_rows``: as gmm's ``lhs_rows``, for either operand."""
     del interpret
-    m, k = lhs.shape
+    k = lhs.shape[1]
+    m = rhs.shape[0] if rhs_rows is None else rhs_rows.shape[0]
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
     if m == 0:
@@ -263,10 +282,10 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
 
     def product(c, row, mine_C=None):
         """``lhs[row:row+c].T @ rhs[row:row+c]`` over the rows of ``mine_C`` (default: all)."""
-        x_CxK = jax.lax.dynamic_slice_in_dim(lhs, row, c)
+        x_CxK = _chunk_rows(lhs, row, c, lhs_rows)
         if mine_C is not None:
             x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
-        d_CxN = jax.lax.dynamic_slice_in_dim(rhs, row, c)
+        d_CxN = _chunk_rows(rhs, row, c, rhs_rows)
         return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
 
     def closing_product(c, nominal, end):

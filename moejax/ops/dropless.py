@@ -6,21 +6,25 @@ the expert weights. Written as one VJP it chooses what the backward pass keeps a
 buffer is written, where the composition of the three ops keeps every intermediate:
 
 * **Residuals**: only the hidden pre-activations ``h = x_perm · w_in`` (and ``x_perm · w_up`` for
-  GLU experts). The sorted copies ``x_perm`` are gathered again from ``x`` in the backward pass
-  (on the ``cpu`` gmm backend; the accelerator backends keep them), the activations are computed
-  from ``h`` again (XLA may merge that with the forward pass's and keep those: it does for exact
-  gelu, with its erf and exp terms), and the expert outputs ``y_perm`` are not kept at all.
+  GLU experts). The activations are computed from ``h`` again (XLA may merge that with the
+  forward pass's and keep those: it does for exact gelu, with its erf and exp terms), and the
+  expert outputs ``y_perm`` are not kept at all. The accelerator backends keep the sorted copies
+  ``x_perm`` too.
+* **No sorted copies on the ``cpu`` backend**: there the gmm and tgmm kernels take ``x`` (and the
+  cotangent ``dy``) with the copies' token indices and gather each row chunk where they would
+  otherwise slice it (XLA:CPU copies a dynamically sliced matmul operand anyway), so the
+  ``[T·k, D]`` buffers ``x_perm`` (forward, and again for ``w_in``'s gradient) and ``dy_perm``
+  are never written.
 * **Gate gradients without ``y_perm``**: ``d gate[t, j] = <dy[t], y_perm[r]>`` with
   ``y_perm[r] = a[r] · w_out[e]`` equals ``<dy[t] · w_out[e]ᵀ, a[r]>``: a row sum over the
   product ``g = dy_perm · w_out[e]ᵀ`` that the input gradient needs anyway, taken before the gate
   scales it.
 * **Order**: the backward pass runs ``g``, the gate gradients, ``w_out``'s gradient, then the
-  hidden gradient, the re-gathered ``x_perm``, ``x``'s and ``w_in``'s gradients; each step is
-  made to wait for the previous one (:func:`_after`), so fewer ``[T·k, F]`` / ``[T·k, D]`` buffers
-  are live at once. XLA would otherwise merge the gather of ``x_perm`` with the forward pass's
-  identical gather and keep the result. Compiled temporaries of the layer's forward+backward at
-  T = 8192, d_model = d_ff = 512, k = 2, relu: 130 MiB at E = 8 and 128 MiB at E = 64, against
-  177 and 137 MiB for the three ops differentiated one by one.
+  hidden gradient, ``x``'s and ``w_in``'s gradients; each step is made to wait for the previous
+  one (:func:`_after`), so fewer ``[T·k, F]`` / ``[T·k, D]`` buffers are live at once. Compiled
+  temporaries of the layer's forward+backward at T = 8192, d_model = d_ff = 512, k = 2, relu:
+  115 MiB at E = 8 and 88 MiB at E = 64 (gelu: 209 and 182 MiB), against 177 and 137 MiB (relu)
+  for the three ops differentiated one by one.
 
 On the CPU every buffer a call writes is memory faulted in afresh, so buffers not written are time
 saved (``benchmarks/RESULTS.md``). Results equal the composition up to float rounding.
@@ -33,10 +37,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.common import false_from
+from moejax.kernels import cpu as cpu_kernels
+from moejax.kernels.common import false_from, promote_types
 from moejax.ops import dispatch as dispatch_ops
 from moejax.ops.ffn import ExpertFFN, activation_fn
-from moejax.ops.gmm import gmm, resolve_backend, tgmm
+from moejax.ops.gmm import _normalize_tiling, gmm, resolve_backend, tgmm
 
 
 def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_TxK: jax.Array,
@@ -49,11 +54,11 @@ def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_Tx
         raise ValueError(
             f"dropless_ffn: x {x_TxD.shape}, weights {weights_TxK.shape} and the sorted copies "
             f"({copies.order_TK.shape[0]}) must agree on T = {num_tokens} tokens, k = {k}")
-    regather = resolve_backend(experts.gmm_backend) == "cpu"
+    gather_in_gmm = resolve_backend(experts.gmm_backend) == "cpu"
     with jax.named_scope("dropless_ffn"):
         x_TxD, weights_TxK, order_TK, inverse_TK = dispatch_ops._varying_as_all(
             x_TxD, weights_TxK, copies.order_TK, copies.inverse_TK)
-        return _dropless((k, regather), x_TxD, weights_TxK, order_TK, inverse_TK,
+        return _dropless((k, gather_in_gmm), x_TxD, weights_TxK, order_TK, inverse_TK,
                          copies.group_sizes_E, experts)
 
 
@@ -62,14 +67,41 @@ def _after(x, dep):
     return jnp.where(false_from(dep), jnp.zeros_like(x), x)
 
 
-def _forward(k, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+def _gathered_gmm(x, rows, rhs, group_sizes, experts, transpose_rhs=False):
+    """``gmm(x[rows], rhs)`` on the ``cpu`` backend, each row chunk gathered where the kernel
+    would slice it: the ``[T·k, D]`` sorted copies are never written."""
+    with jax.named_scope("gmm"):
+        return cpu_kernels.gmm(
+            x, rhs, group_sizes, jnp.int32(0), transpose_rhs=transpose_rhs,
+            preferred_element_type=promote_types(x.dtype, rhs.dtype),
+            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=rows)
+
+
+def _gathered_tgmm(lhs, rhs, group_sizes, experts, lhs_rows=None, rhs_rows=None):
+    """``tgmm`` on the ``cpu`` backend with either operand gathered chunk by chunk."""
+    with jax.named_scope("tgmm"):
+        return cpu_kernels.tgmm(
+            lhs, rhs, group_sizes, jnp.int32(0), num_groups=group_sizes.shape[0],
+            preferred_element_type=promote_types(lhs.dtype, rhs.dtype),
+            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=lhs_rows,
+            rhs_rows=rhs_rows)
+
+
+def _forward(k, gather_in_gmm, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
     def mm(lhs, rhs):
         return gmm(lhs, rhs, group_sizes, **experts.gmm_options)
 
-    with jax.named_scope("permute"):
-        x_perm = dispatch_ops._rows(x_TxD, dispatch_ops._tokens(order_TK, k))
-    h = mm(x_perm, experts.w_in)
-    up = None if experts.w_up is None else mm(x_perm, experts.w_up)
+    tokens_TK = dispatch_ops._tokens(order_TK, k)
+    if gather_in_gmm:
+        x_perm = None
+        h = _gathered_gmm(x_TxD, tokens_TK, experts.w_in, group_sizes, experts)
+        up = (None if experts.w_up is None
+              else _gathered_gmm(x_TxD, tokens_TK, experts.w_up, group_sizes, experts))
+    else:
+        with jax.named_scope("permute"):
+            x_perm = dispatch_ops._rows(x_TxD, tokens_TK)
+        h = mm(x_perm, experts.w_in)
+        up = None if experts.w_up is None else mm(x_perm, experts.w_up)
     a = activation_fn(experts.activation)(h)
     if up is not None:
         a = a * up
@@ -82,23 +114,21 @@ def _forward(k, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dropless(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
-    return _forward(config[0], x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts)[0]
+    return _forward(*config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts)[0]
 
 
 def _dropless_fwd(config, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
-    k, regather = config
-    y, (x_perm, h, up) = _forward(k, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes,
-                                  experts)
-    kept = None if regather else x_perm
-    return y, (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up, kept)
+    y, (x_perm, h, up) = _forward(*config, x_TxD, weights_TxK, order_TK, inverse_TK,
+                                  group_sizes, experts)
+    return y, (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up, x_perm)
 
 
 def _dropless_bwd(config, residuals, dy_TxD):
     with jax.named_scope("backward"):
-        return _backward(config[0], residuals, dy_TxD)
+        return _backward(*config, residuals, dy_TxD)
 
 
-def _backward(k, residuals, dy_TxD):
+def _backward(k, gather_in_gmm, residuals, dy_TxD):
     (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up,
      x_perm) = residuals
     w_in, w_up, w_out = experts.weights
@@ -114,9 +144,16 @@ def _backward(k, residuals, dy_TxD):
     tokens_TK = dispatch_ops._tokens(order_TK, k)
     inverse_TxK = inverse_TK.reshape(weights_TxK.shape)
     # Unweighted cotangent rows, then g = dy_perm · w_out[e]ᵀ (the gates are applied after).
-    with jax.named_scope("unpermute"):
-        dy_perm = dispatch_ops._rows(dy_TxD.astype(jnp.float32), tokens_TK).astype(dtype)
-    g = mm_t(dy_perm, w_out)
+    # On the cpu backend the kernels gather dy's rows themselves (dy_perm is never written).
+    if gather_in_gmm:
+        dy_perm = None
+        dy_dtype = dy_TxD.astype(dtype)
+        g = _gathered_gmm(dy_dtype, tokens_TK, w_out, group_sizes, experts,
+                          transpose_rhs=True).astype(jnp.float32)
+    else:
+        with jax.named_scope("unpermute"):
+            dy_perm = dispatch_ops._rows(dy_TxD.astype(jnp.float32), tokens_TK).astype(dtype)
+        g = mm_t(dy_perm, w_out)
     act, act_vjp = jax.vjp(activation_fn(experts.activation), h)
     a = act if up is None else act * up
     a = a.astype(jnp.float32)
@@ -127,7 +164,11 @@ def _backward(k, residuals, dy_TxD):
     gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
     # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g).
     a_w = (_after(gate_TK, d_gate_TK) * a).astype(dtype)
-    d_w_out = weight_grad(a_w, dy_perm, w_out)
+    if gather_in_gmm:
+        d_w_out = _gathered_tgmm(a_w, dy_dtype, group_sizes, experts,
+                                 rhs_rows=tokens_TK).astype(w_out.dtype)
+    else:
+        d_w_out = weight_grad(a_w, dy_perm, w_out)
     da = _after(_after(gate_TK, g) * g, d_w_out).astype(h.dtype)
     if up is None:
         (dh,) = act_vjp(da)
@@ -136,17 +177,20 @@ def _backward(k, residuals, dy_TxD):
         (dh,) = act_vjp(da * up)
         d_up = (da * act).astype(dtype)
     dh = dh.astype(dtype)
-    if x_perm is None:
-        # Gathered again, after w_out's gradient: not kept alive through the backward pass.
-        with jax.named_scope("permute"):
-            x_perm = dispatch_ops._rows(
-                x_TxD, tokens_TK + false_from(d_w_out).astype(tokens_TK.dtype))
+    if gather_in_gmm:
+        # x's rows, gathered chunk by chunk again by the weight gradients' kernel.
+        def input_weight_grad(d, like):
+            return _gathered_tgmm(x_TxD, d, group_sizes, experts,
+                                  lhs_rows=tokens_TK).astype(like.dtype)
+    else:
+        def input_weight_grad(d, like):
+            return weight_grad(x_perm, d, like)
     dx_perm = mm_t(dh, w_in)
-    d_w_in = weight_grad(x_perm, dh, w_in)
+    d_w_in = input_weight_grad(dh, w_in)
     d_w_up = None
     if d_up is not None:
         dx_perm = dx_perm + mm_t(d_up, w_up)
-        d_w_up = weight_grad(x_perm, d_up, w_up)
+        d_w_up = input_weight_grad(d_up, w_up)
     # A token's k copies add up: one gather per choice, summed in f32 in one pass.
     with jax.named_scope("permute"):
         dx_TxD = dispatch_ops._rows(dx_perm, inverse_TxK[:, 0])
