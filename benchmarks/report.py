@@ -205,7 +205,9 @@ def _steps_section(steps):
         "so the differences between rows split the dropless layer's ratio into its parts "
         "(`balanced einsum` is a side step: the E experts as batched matmuls on equal groups). "
         "× dense: wall-clock ratio to the dense FFN of the same run (CPU-time ratio in "
-        "parentheses); faults: minor page faults per call.",
+        "parentheses); faults: minor page faults per call; steal: the hypervisor's share of the "
+        "CPUs during the case's timed calls (where it is high, the wall-clock ratio is the "
+        "neighbours' load, and the CPU-time ratio is the one to read).",
         "",
         "| case | what it adds | " + " | ".join(f"{a} E={e}" for a, e in configs) + " |",
         "|---|---|" + "---|" * len(configs),
@@ -215,7 +217,8 @@ def _steps_section(steps):
         for activation, experts in configs:
             r = cell.get((activation, experts, case))
             row.append(f"{r['ratio_to_dense_ffn']:.2f} ({r['cpu_ratio_to_dense_ffn']:.2f}), "
-                       f"{r['page_faults'] / 1000:.0f}k faults" if r else "-")
+                       f"{r['page_faults'] / 1000:.0f}k faults, steal {100 * r['steal']:.0f} %"
+                       if r else "-")
         lines.append(f"| {case} | {STEP_NOTES.get(case, '')} | " + " | ".join(row) + " |")
     lines.append("")
     for experts, target in TARGETS.items():
@@ -329,8 +332,10 @@ def _profile_section(profile, summary=None):
         "memory kept": (f"the code of `after` with `GLIBC_TUNABLES={kept['glibc_tunables']}` "
                         "(glibc keeps the memory it gets, so no call faults pages in: the "
                         "computation alone)" if kept else ""),
-        "fused VJP": "this code: gather, grouped FFN and combine as one custom VJP "
+        "fused VJP": "commit 2c966cd: gather, grouped FFN and combine as one custom VJP "
                      "(`moejax.ops.dropless`)",
+        "gathered in gmm": "this code: the same VJP, with the `cpu` kernels gathering the "
+                           "copies' rows chunk by chunk (no `[T·k, D]` sorted copies written)",
     }
     names = [name for name in described if name in profile]
     runs = [profile[name] for name in names]
@@ -404,6 +409,15 @@ def _profile_section(profile, summary=None):
         "`<dy[t] · w_out[e]ᵀ, a[r]>`, a row sum over a product the input gradient computes "
         "anyway. Each backward step waits for the previous one, so fewer `[T·k, d_ff]` buffers "
         "are live at once: the temporaries and page-fault lines.",
+        "",
+        "What changed between `fused VJP` and `gathered in gmm` (`moejax/kernels/cpu.py`, "
+        "`moejax/ops/dropless.py`): on the `cpu` backend the grouped matmuls take the input (and, "
+        "in the backward pass, the output cotangent) with the copies' token indices, and each row "
+        "chunk gathers its rows where it used to slice them from the sorted copies. XLA:CPU "
+        "copies a dynamically sliced matmul operand into a buffer of its own anyway, so the "
+        "gather costs what the slice did, and the sorted copies of the input (forward, and again "
+        "for the first projection's weight gradient) and of the cotangent are never written: "
+        "three `[T·k, d_model]` passes and their pages fewer.",
         "",
         "What is left: see the summary table at the top of this section. The `balanced einsum` "
         "rows are the experts alone, as XLA's batched matmuls on equal groups, with no router and "
