@@ -248,3 +248,51 @@ def test_the_vjp_lowers_with_the_compiled_kernels_for_tpu_and_cuda(backend):
         x, gates, weights)
     # Forward: gmm for w_in, w_up, w_out; backward: three transposed gmm and three tgmm.
     assert exported.mlir_module().count(custom_call) >= 9
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_inside_a_vma_checked_shard_map_each_shard_equals_its_own_call(backend, dtype):
+    # A host model's data-parallel shard_map: each of 4 devices routes its own tokens to all the
+    # experts (the cpu backend gathers the copies' rows inside its kernels). Values and gradients
+    # (x, gates, every weight; the weights' gradients summed over the shards) equal one call per
+    # shard without a mesh. Before the expert weights were cast to varying, the custom VJP's
+    # weight cotangents (varying) did not match the replicated weights and JAX raised.
+    shards = 4
+    x, indices, gates, assigned, weights = _case(2, 8, glu=True, dtype=dtype)
+    rows = (T // shards) * shards
+    x, indices, gates, assigned = x[:rows], indices[:rows], gates[:rows], assigned[:rows]
+
+    def loss(x, gates, weights, indices, assigned):
+        y = _fused(x, gates, weights, indices, assigned, "silu", backend)
+        return jnp.sum(y * jnp.cos(y))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    mesh = jax.make_mesh((shards,), ("data",), devices=jax.devices()[:shards])
+    P = jax.sharding.PartitionSpec
+
+    # The weights are replicated: under check_vma their gradient comes out summed over the
+    # shards already (the transpose of the cast to varying), so each shard returns the total.
+    sharded = jax.jit(jax.shard_map(
+        grad, mesh=mesh, in_specs=(P("data"), P("data"), P(), P("data"), P("data")),
+        out_specs=(P("data"), P("data"), P()), check_vma=True))
+    specs = (P("data"), P("data"), P(), P("data"), P("data"))
+    got = sharded(*(jax.tree.map(lambda a, spec=spec: jax.device_put(
+        a, jax.sharding.NamedSharding(mesh, spec)), arg)
+        for arg, spec in zip((x, gates, weights, indices, assigned), specs)))
+    size = rows // shards
+
+    def shard(a, i):
+        return a[i * size:(i + 1) * size]
+
+    parts = [jax.jit(grad)(shard(x, i), shard(gates, i), weights, shard(indices, i),
+                           shard(assigned, i)) for i in range(shards)]
+    want = (np.concatenate([np.asarray(p[0], np.float32) for p in parts]),
+            np.concatenate([np.asarray(p[1], np.float32) for p in parts]),
+            jax.tree.map(lambda *w: sum(np.asarray(v, np.float32) for v in w),
+                         *(p[2] for p in parts)))
+    tol = 1e-5 if dtype == jnp.float32 else 0.05
+    for g, w, one in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(parts[0])):
+        assert g.dtype == one.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=tol,
+                                   atol=tol * max(1.0, np.abs(w).max()))

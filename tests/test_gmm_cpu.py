@@ -300,6 +300,7 @@ def test_gathered_operands_equal_gathering_first(sizes):
     gathered = jax.jit(lambda x, w, idx: cpu.gmm(x, w, sizes, 0, transpose_rhs=False,
                                                   lhs_rows=idx, **kw))(x, w, idx)
     np.testing.assert_array_equal(gathered, cpu.gmm(x[idx], w, sizes, 0, transpose_rhs=False, **kw))
+    np.testing.assert_allclose(gathered, numpy_gmm(x[idx], w, sizes), rtol=1e-5, atol=1e-5)
     # transpose_rhs: d[idx] · w[e]ᵀ, contracting with w's last axis.
     gathered_t = cpu.gmm(d, w, sizes, 0, transpose_rhs=True, lhs_rows=idx, **kw)
     np.testing.assert_array_equal(gathered_t, cpu.gmm(d[idx], w, sizes, 0, transpose_rhs=True, **kw))
@@ -310,3 +311,33 @@ def test_gathered_operands_equal_gathering_first(sizes):
         cpu.tgmm(x[idx], d, sizes, 0, num_groups=5, rhs_rows=idx, **kw), want)
     np.testing.assert_allclose(want, numpy_tgmm(x[idx], d[idx], sizes, 0, 5), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_gathered_operands_when_only_the_row_index_varies_under_a_shard_map():
+    # Replicated lhs, rhs and group sizes; the row index differs per device. The output and the
+    # loop carries must vary with the index (check_vma), and each device equals its own call.
+    m, t, k, n, shards = 64, 40, 8, 5, 4
+    sizes = jnp.asarray([20, 0, 30, 14], jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (t, k))
+    d = jax.random.normal(jax.random.key(1), (t, n))
+    w = jax.random.normal(jax.random.key(2), (4, k, n))
+    idx = jax.random.randint(jax.random.key(3), (shards * m,), 0, t, jnp.int32)
+    kw = dict(preferred_element_type=jnp.float32, tiling=(16, 128, 128), interpret=None)
+    P = jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((shards,), ("data",), devices=jax.devices()[:shards])
+
+    def local(x, d, w, idx):
+        out = cpu.gmm(x, w, sizes, 0, transpose_rhs=False, lhs_rows=idx, **kw)
+        grads = cpu.tgmm(x, d, sizes, 0, num_groups=4, lhs_rows=idx, rhs_rows=idx, **kw)
+        return out, grads[None]
+
+    out, grads = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P("data")),
+                                       out_specs=(P("data"), P("data")), check_vma=True))(
+        x, d, w, jax.device_put(idx, jax.sharding.NamedSharding(mesh, P("data"))))
+    out, grads = np.asarray(out), np.asarray(grads)
+    for i in range(shards):
+        rows = idx[i * m:(i + 1) * m]
+        np.testing.assert_allclose(out[i * m:(i + 1) * m],
+                                   numpy_gmm(x[rows], w, sizes), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads[i], numpy_tgmm(x[rows], d[rows], sizes, 0, 4),
+                                   rtol=1e-5, atol=1e-5)

@@ -206,9 +206,10 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type)
     if m == 0 or num_local == 0:
-        return _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes)
+        return _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes, lhs_rows)
     lhs, rhs = _operands(lhs, rhs)
-    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs), lhs, rhs, group_sizes)
+    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs), lhs, rhs, group_sizes,
+                            lhs_rows)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_local, m, tm)
     dims = (((1,), (1,)) if transpose_rhs else ((1,), (0,)), ((), ()))
@@ -270,10 +271,11 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
     if m == 0:
-        return _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes)
+        return _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes,
+                             lhs_rows, rhs_rows)
     lhs, rhs = _operands(lhs, rhs)
     out_GxKxN = _varying_like(_own_zeros((num_groups, k, n), out_dtype, lhs, rhs), lhs, rhs,
-                              group_sizes)
+                              group_sizes, lhs_rows, rhs_rows)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     sizes = closing_sizes(m, tm)
     full = sizes[-1]
@@ -323,9 +325,11 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
 
 
 def _varying_like(x, *operands):
-    """``x`` made varying over the shard_map axes its operands vary over (loop carries must match)."""
+    """``x`` made varying over the shard_map axes its operands (None: absent) vary over (loop
+    carries must match)."""
     axes = set()
     for operand in operands:
-        axes |= jax.typeof(operand).manual_axis_type.varying
+        if operand is not None:
+            axes |= jax.typeof(operand).manual_axis_type.varying
     axes -= set(jax.typeof(x).manual_axis_type.varying)
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x

@@ -56,8 +56,13 @@ def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_Tx
             f"({copies.order_TK.shape[0]}) must agree on T = {num_tokens} tokens, k = {k}")
     gather_in_gmm = resolve_backend(experts.gmm_backend) == "cpu"
     with jax.named_scope("dropless_ffn"):
-        x_TxD, weights_TxK, order_TK, inverse_TK = dispatch_ops._varying_as_all(
-            x_TxD, weights_TxK, copies.order_TK, copies.inverse_TK)
+        # Inside a shard_map the expert weights too: each shard's weight gradients vary, and
+        # JAX sums them over the shards (the transpose of the cast) into the weights' type.
+        w_in, w_up, w_out = experts.weights
+        x_TxD, weights_TxK, order_TK, inverse_TK, w_in, w_out, *w_up = (
+            dispatch_ops._varying_as_all(x_TxD, weights_TxK, copies.order_TK, copies.inverse_TK,
+                                         w_in, w_out, *([] if w_up is None else [w_up])))
+        experts = experts.with_weights(w_in, w_up[0] if w_up else None, w_out)
         return _dropless((k, gather_in_gmm), x_TxD, weights_TxK, order_TK, inverse_TK,
                          copies.group_sizes_E, experts)
 
@@ -67,49 +72,56 @@ def _after(x, dep):
     return jnp.where(false_from(dep), jnp.zeros_like(x), x)
 
 
-def _gathered_gmm(x, rows, rhs, group_sizes, experts, transpose_rhs=False):
-    """``gmm(x[rows], rhs)`` on the ``cpu`` backend, each row chunk gathered where the kernel
-    would slice it: the ``[T·k, D]`` sorted copies are never written."""
+def _sorted_rows(src_TxD, tokens_TK, gather_in_gmm: bool, scope: str):
+    """The sorted copies' rows of ``src`` as ``(array, rows)`` for :func:`_mm` / :func:`_weight_grad`:
+    ``(src, tokens)`` for the ``cpu`` kernels to gather chunk by chunk (the ``[T·k, D]`` array is
+    never written), else ``(src[tokens], None)``, built once."""
+    if gather_in_gmm:
+        return src_TxD, tokens_TK
+    with jax.named_scope(scope):
+        return dispatch_ops._rows(src_TxD, tokens_TK), None
+
+
+def _mm(lhs, rhs, group_sizes, experts, lhs_rows=None, transpose_rhs=False):
+    """``gmm(lhs, rhs)``, or ``gmm(lhs[lhs_rows], rhs)`` gathered by the ``cpu`` kernel."""
+    if lhs_rows is None:
+        return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, **experts.gmm_options)
     with jax.named_scope("gmm"):
         return cpu_kernels.gmm(
-            x, rhs, group_sizes, jnp.int32(0), transpose_rhs=transpose_rhs,
-            preferred_element_type=promote_types(x.dtype, rhs.dtype),
-            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=rows)
-
-
-def _gathered_tgmm(lhs, rhs, group_sizes, experts, lhs_rows=None, rhs_rows=None):
-    """``tgmm`` on the ``cpu`` backend with either operand gathered chunk by chunk."""
-    with jax.named_scope("tgmm"):
-        return cpu_kernels.tgmm(
-            lhs, rhs, group_sizes, jnp.int32(0), num_groups=group_sizes.shape[0],
+            lhs, rhs, group_sizes, jnp.int32(0), transpose_rhs=transpose_rhs,
             preferred_element_type=promote_types(lhs.dtype, rhs.dtype),
-            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=lhs_rows,
-            rhs_rows=rhs_rows)
+            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=lhs_rows)
+
+
+def _weight_grad(lhs, rhs, group_sizes, experts, like, lhs_rows=None, rhs_rows=None):
+    """``tgmm(lhs, rhs)`` in ``like``'s dtype; an operand with rows is gathered by the ``cpu``
+    kernel."""
+    if lhs_rows is None and rhs_rows is None:
+        out = tgmm(lhs, rhs, group_sizes, **experts.gmm_options)
+    else:
+        with jax.named_scope("tgmm"):
+            out = cpu_kernels.tgmm(
+                lhs, rhs, group_sizes, jnp.int32(0), num_groups=group_sizes.shape[0],
+                preferred_element_type=promote_types(lhs.dtype, rhs.dtype),
+                tiling=_normalize_tiling(experts.gmm_tiling), interpret=None,
+                lhs_rows=lhs_rows, rhs_rows=rhs_rows)
+    return out.astype(like.dtype)
 
 
 def _forward(k, gather_in_gmm, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
-    def mm(lhs, rhs):
-        return gmm(lhs, rhs, group_sizes, **experts.gmm_options)
-
-    tokens_TK = dispatch_ops._tokens(order_TK, k)
-    if gather_in_gmm:
-        x_perm = None
-        h = _gathered_gmm(x_TxD, tokens_TK, experts.w_in, group_sizes, experts)
-        up = (None if experts.w_up is None
-              else _gathered_gmm(x_TxD, tokens_TK, experts.w_up, group_sizes, experts))
-    else:
-        with jax.named_scope("permute"):
-            x_perm = dispatch_ops._rows(x_TxD, tokens_TK)
-        h = mm(x_perm, experts.w_in)
-        up = None if experts.w_up is None else mm(x_perm, experts.w_up)
+    x_src, x_rows = _sorted_rows(x_TxD, dispatch_ops._tokens(order_TK, k), gather_in_gmm,
+                                 "permute")
+    h = _mm(x_src, experts.w_in, group_sizes, experts, x_rows)
+    up = None if experts.w_up is None else _mm(x_src, experts.w_up, group_sizes, experts, x_rows)
     a = activation_fn(experts.activation)(h)
     if up is not None:
         a = a * up
-    y_perm = mm(a, experts.w_out)
+    y_perm = _mm(a, experts.w_out, group_sizes, experts)
     with jax.named_scope("unpermute"):
         y = dispatch_ops._weighted_rows(y_perm, weights_TxK,
                                         inverse_TK.reshape(weights_TxK.shape))
-    return y, (x_perm, h, up)
+    # The sorted copies are kept where they were built (x itself is a residual anyway).
+    return y, (None if gather_in_gmm else x_src, h, up)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -133,27 +145,16 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
      x_perm) = residuals
     w_in, w_up, w_out = experts.weights
 
-    def mm_t(lhs, rhs):  # lhs · rhs[e]ᵀ
-        return gmm(lhs, rhs, group_sizes, transpose_rhs=True,
-                   **experts.gmm_options).astype(jnp.float32)
-
-    def weight_grad(lhs, rhs, like):
-        return tgmm(lhs, rhs, group_sizes, **experts.gmm_options).astype(like.dtype)
+    def mm_t(lhs, rhs, lhs_rows=None):  # lhs · rhs[e]ᵀ
+        return _mm(lhs, rhs, group_sizes, experts, lhs_rows,
+                   transpose_rhs=True).astype(jnp.float32)
 
     dtype = x_TxD.dtype
     tokens_TK = dispatch_ops._tokens(order_TK, k)
     inverse_TxK = inverse_TK.reshape(weights_TxK.shape)
     # Unweighted cotangent rows, then g = dy_perm · w_out[e]ᵀ (the gates are applied after).
-    # On the cpu backend the kernels gather dy's rows themselves (dy_perm is never written).
-    if gather_in_gmm:
-        dy_perm = None
-        dy_dtype = dy_TxD.astype(dtype)
-        g = _gathered_gmm(dy_dtype, tokens_TK, w_out, group_sizes, experts,
-                          transpose_rhs=True).astype(jnp.float32)
-    else:
-        with jax.named_scope("unpermute"):
-            dy_perm = dispatch_ops._rows(dy_TxD.astype(jnp.float32), tokens_TK).astype(dtype)
-        g = mm_t(dy_perm, w_out)
+    dy_src, dy_rows = _sorted_rows(dy_TxD.astype(dtype), tokens_TK, gather_in_gmm, "unpermute")
+    g = mm_t(dy_src, w_out, dy_rows)
     act, act_vjp = jax.vjp(activation_fn(experts.activation), h)
     a = act if up is None else act * up
     a = a.astype(jnp.float32)
@@ -164,11 +165,7 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
     gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
     # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g).
     a_w = (_after(gate_TK, d_gate_TK) * a).astype(dtype)
-    if gather_in_gmm:
-        d_w_out = _gathered_tgmm(a_w, dy_dtype, group_sizes, experts,
-                                 rhs_rows=tokens_TK).astype(w_out.dtype)
-    else:
-        d_w_out = weight_grad(a_w, dy_perm, w_out)
+    d_w_out = _weight_grad(a_w, dy_src, group_sizes, experts, w_out, rhs_rows=dy_rows)
     da = _after(_after(gate_TK, g) * g, d_w_out).astype(h.dtype)
     if up is None:
         (dh,) = act_vjp(da)
@@ -177,20 +174,14 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
         (dh,) = act_vjp(da * up)
         d_up = (da * act).astype(dtype)
     dh = dh.astype(dtype)
-    if gather_in_gmm:
-        # x's rows, gathered chunk by chunk again by the weight gradients' kernel.
-        def input_weight_grad(d, like):
-            return _gathered_tgmm(x_TxD, d, group_sizes, experts,
-                                  lhs_rows=tokens_TK).astype(like.dtype)
-    else:
-        def input_weight_grad(d, like):
-            return weight_grad(x_perm, d, like)
+    # The sorted copies of x: kept by the forward pass, or gathered again chunk by chunk.
+    x_src, x_rows = (x_TxD, tokens_TK) if x_perm is None else (x_perm, None)
     dx_perm = mm_t(dh, w_in)
-    d_w_in = input_weight_grad(dh, w_in)
+    d_w_in = _weight_grad(x_src, dh, group_sizes, experts, w_in, lhs_rows=x_rows)
     d_w_up = None
     if d_up is not None:
         dx_perm = dx_perm + mm_t(d_up, w_up)
-        d_w_up = input_weight_grad(d_up, w_up)
+        d_w_up = _weight_grad(x_src, d_up, group_sizes, experts, w_up, lhs_rows=x_rows)
     # A token's k copies add up: one gather per choice, summed in f32 in one pass.
     with jax.named_scope("permute"):
         dx_TxD = dispatch_ops._rows(dx_perm, inverse_TxK[:, 0])
