@@ -334,8 +334,12 @@ def _profile_section(profile, summary=None):
                         "computation alone)" if kept else ""),
         "fused VJP": "commit 2c966cd: gather, grouped FFN and combine as one custom VJP "
                      "(`moejax.ops.dropless`)",
-        "gathered in gmm": "this code: the same VJP, with the `cpu` kernels gathering the "
+        "gathered in gmm": "commit a9a9794: the same VJP, with the `cpu` kernels gathering the "
                            "copies' rows chunk by chunk (no `[T·k, D]` sorted copies written)",
+        "fused in gmm": "this code: the same VJP, with the `cpu` kernels also computing their "
+                        "operands chunk by chunk (the activation, `gate · a`, the hidden "
+                        "gradient) and adding the rows of the second forward matmul and of the "
+                        "input gradients straight into the `[T, D]` results",
     }
     names = [name for name in described if name in profile]
     runs = [profile[name] for name in names]
@@ -419,6 +423,17 @@ def _profile_section(profile, summary=None):
         "for the first projection's weight gradient) and of the cotangent are never written: "
         "three `[T·k, d_model]` passes and their pages fewer.",
         "",
+        "What changed between `gathered in gmm` and `fused in gmm` (`moejax/kernels/cpu.py`, "
+        "`moejax/ops/dropless.py`): the `cpu` kernels take a row-wise prologue for an operand "
+        "(with extra arrays sliced alongside it) and apply it to each chunk as they copy it, and "
+        "gmm can add each chunk's rows, scaled, into the rows of a smaller result instead of "
+        "writing the `[T·k, n]` product. The dropless VJP uses them for the activation (forward), "
+        "`gate · a` (the second projection's weight gradient), the hidden gradient "
+        "`act'(h) · gate · g` (computed in both kernels that read it), the gate-weighted combine "
+        "of the k copies (forward) and the sum of the copies' input gradients (backward). Of the "
+        "`[T·k, ·]` buffers only the hidden pre-activations `h` and `g = dy · w_outᵀ` are "
+        "written: the temporaries and page-fault lines.",
+        "",
         "What is left: see the summary table at the top of this section. The `balanced einsum` "
         "rows are the experts alone, as XLA's batched matmuls on equal groups, with no router and "
         "no dispatch, and `capacity cf=1.0` is the same batched matmuls behind the router and the "
@@ -427,7 +442,7 @@ def _profile_section(profile, summary=None):
         "allocator keeps its memory, and the matmuls are smaller. The dropless layer's grouped "
         "matmuls run as loops of row chunks: each chunk is one XLA dot that packs its expert's "
         "weights again and writes a fresh result that a dynamic-update-slice copies into the "
-        "output; for the weight gradients, one `[d_model, d_ff]` block per group plus the zero "
+        "output (or a scatter adds to it); for the weight gradients, one `[d_model, d_ff]` block per group plus the zero "
         "fill of the E-expert output."
         + _kept_gap(summary),
         "",

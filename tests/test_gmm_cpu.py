@@ -341,3 +341,110 @@ def test_gathered_operands_when_only_the_row_index_varies_under_a_shard_map():
                                    numpy_gmm(x[rows], w, sizes), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(grads[i], numpy_tgmm(x[rows], d[rows], sizes, 0, 4),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _numpy_scattered(lhs, rhs, sizes, dest, scale, num_out, offset=0, num_local=None,
+                     transpose_rhs=False):
+    """out[dest[r]] += scale[r] · lhs[r] @ rhs[g - offset] over the rows r of the local groups g."""
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    sizes = np.asarray(sizes)
+    num_local = len(sizes) if num_local is None else num_local
+    out = np.zeros((num_out, rhs.shape[1] if transpose_rhs else rhs.shape[2]))
+    ends = np.cumsum(sizes)
+    for g in range(offset, offset + num_local):
+        w = rhs[g - offset].T if transpose_rhs else rhs[g - offset]
+        for r in range(ends[g] - sizes[g], ends[g]):
+            out[dest[r]] += scale[r] * (lhs[r] @ w)
+    return out
+
+
+# Groups below the smallest chunk (8 rows), groups of whole chunks plus a remainder (overlapping
+# end-aligned chunks), empty groups, rows past sum(sizes) (m = 220).
+@pytest.mark.parametrize("sizes", [[40, 0, 77, 3, 100], [0, 0, 220, 0, 0], [5, 9, 0, 30, 11],
+                                   [1, 2, 3, 4, 5]])
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_rows_added_to_their_destinations(sizes, transpose_rhs):
+    # out_rows / out_scale: every row of a local group is added once, scaled, to its destination
+    # (several rows share destinations, as a token's k copies do; overlapping chunks must not add
+    # a row twice), rows of other groups and past sum(sizes) are not added.
+    m, t, k, n, num_out = 220, 150, 9, 6, 70
+    sizes = jnp.asarray(sizes, jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (t, k))
+    idx = jax.random.randint(jax.random.key(1), (m,), 0, t, jnp.int32)
+    dest = jax.random.randint(jax.random.key(2), (m,), 0, num_out, jnp.int32)
+    scale = jax.random.uniform(jax.random.key(3), (m,), minval=0.5, maxval=2.0)
+    w = jax.random.normal(jax.random.key(4), (5, n, k) if transpose_rhs else (5, k, n))
+    kw = dict(transpose_rhs=transpose_rhs, preferred_element_type=jnp.float32,
+              tiling=(32, 128, 128), interpret=None)
+    out = jax.jit(lambda x, w, idx, dest, scale: cpu.gmm(
+        x, w, sizes, 0, lhs_rows=idx, out_rows=dest, out_scale=scale, num_out_rows=num_out,
+        **kw))(x, w, idx, dest, scale)
+    assert out.shape == (num_out, n)
+    want = _numpy_scattered(x[idx], w, sizes, np.asarray(dest), np.asarray(scale), num_out,
+                            transpose_rhs=transpose_rhs)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+    # Unscaled, and only the local groups 1..3 of 5 (group_offset 1, rhs holds 3 experts).
+    out = cpu.gmm(x, w[1:4], sizes, 1, lhs_rows=idx, out_rows=dest, num_out_rows=num_out, **kw)
+    want = _numpy_scattered(x[idx], w[1:4], sizes, np.asarray(dest), np.ones(m), num_out,
+                            offset=1, num_local=3, transpose_rhs=transpose_rhs)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+
+
+def test_prologues_equal_applying_them_first():
+    # lhs_fn / rhs_fn with extras: the operand is fn(rows, *extra rows), chunk by chunk; equal to
+    # building it first (bit for bit: the same elementwise ops on the same rows, then the same
+    # matmuls), gathered or not, for gmm, the scattered gmm and both tgmm operands.
+    m, t, k, n = 220, 150, 9, 6
+    sizes = jnp.asarray([40, 0, 77, 3, 90], jnp.int32)
+    keys = jax.random.split(jax.random.key(0), 6)
+    h = jax.random.normal(keys[0], (m, k))
+    gate = jax.random.uniform(keys[1], (m, 1))
+    x = jax.random.normal(keys[2], (t, k))
+    d = jax.random.normal(keys[3], (m, n))
+    idx = jax.random.randint(keys[4], (m,), 0, t, jnp.int32)
+    w = jax.random.normal(keys[5], (5, k, n))
+    kw = dict(preferred_element_type=jnp.float32, tiling=(32, 128, 128), interpret=None)
+
+    def fn(h, gate):
+        return gate * jax.nn.gelu(h, approximate=False)
+
+    built = fn(h, gate)
+    np.testing.assert_array_equal(
+        cpu.gmm(h, w, sizes, 0, transpose_rhs=False, lhs_fn=fn, lhs_extras=(gate,), **kw),
+        cpu.gmm(built, w, sizes, 0, transpose_rhs=False, **kw))
+    np.testing.assert_allclose(
+        cpu.gmm(h, w, sizes, 0, transpose_rhs=False, lhs_fn=fn, lhs_extras=(gate,), **kw),
+        numpy_gmm(built, w, sizes), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(
+        cpu.tgmm(h, d, sizes, 0, num_groups=5, lhs_fn=fn, lhs_extras=(gate,), **kw),
+        cpu.tgmm(built, d, sizes, 0, num_groups=5, **kw))
+    # rhs_fn on a gathered lhs: x[idx]ᵀ · fn(h, gate).
+    np.testing.assert_array_equal(
+        cpu.tgmm(x, h, sizes, 0, num_groups=5, lhs_rows=idx, rhs_fn=fn, rhs_extras=(gate,),
+                 **kw),
+        cpu.tgmm(x[idx], built, sizes, 0, num_groups=5, **kw))
+    np.testing.assert_allclose(
+        cpu.tgmm(x, h, sizes, 0, num_groups=5, lhs_rows=idx, rhs_fn=fn, rhs_extras=(gate,),
+                 **kw),
+        numpy_tgmm(x[idx], built, sizes, 0, 5), rtol=1e-5, atol=1e-4)
+
+
+def test_prologue_and_destination_arguments_are_checked():
+    h, w = jnp.ones((10, 4)), jnp.ones((2, 4, 3))
+    sizes = jnp.asarray([4, 6], jnp.int32)
+    kw = dict(transpose_rhs=False, preferred_element_type=jnp.float32, tiling=None,
+              interpret=None)
+    with pytest.raises(ValueError, match="lhs_extras were given without lhs_fn"):
+        cpu.gmm(h, w, sizes, 0, lhs_extras=(h,), **kw)
+    with pytest.raises(ValueError, match=re.escape("operand's 10 rows") + ".*(9, 1)"):
+        cpu.gmm(h, w, sizes, 0, lhs_fn=lambda h, s: h * s, lhs_extras=(jnp.ones((9, 1)),), **kw)
+    with pytest.raises(ValueError, match="out_rows.*num_out_rows go together"):
+        cpu.gmm(h, w, sizes, 0, out_rows=jnp.zeros((10,), jnp.int32), **kw)
+    with pytest.raises(ValueError, match=re.escape("int [10]") + ".*shape \\(8,\\)"):
+        cpu.gmm(h, w, sizes, 0, out_rows=jnp.zeros((8,), jnp.int32), num_out_rows=3, **kw)
+    with pytest.raises(ValueError, match="out_scale needs one value per operand row \\(10\\)"):
+        cpu.gmm(h, w, sizes, 0, out_rows=jnp.zeros((10,), jnp.int32), num_out_rows=3,
+                out_scale=jnp.ones((4,)), **kw)
+    with pytest.raises(ValueError, match="rhs_extras were given without rhs_fn"):
+        cpu.tgmm(h, jnp.ones((10, 3)), sizes, 0, num_groups=2, rhs_extras=(h,),
+                 preferred_element_type=jnp.float32, tiling=None, interpret=None)

@@ -46,6 +46,17 @@ slice them. XLA:CPU copies a dynamically sliced matmul operand into a buffer of 
 the gather costs that copy and no more, and the gathered ``[m, k]`` operand is never written
 (``moejax.ops.dropless`` passes the token rows of the sorted copies this way).
 
+Prologues: ``lhs_fn`` (gmm, tgmm) and ``rhs_fn`` (tgmm) make the operand a row-wise function of
+its rows and of the same rows of ``*_extras`` arrays (an activation, a gate scale, an activation's
+derivative), applied to each chunk as it is copied: the operand is never written out either.
+
+Rows added to their destinations: with ``out_rows`` (and ``out_scale``, ``num_out_rows``) gmm
+returns ``out[out_rows[r]] += out_scale[r] · (lhs @ rhs)[r]`` instead of the ``[m, n]`` product:
+each chunk scatter-adds its new rows (from its nominal start, so rows that an end-aligned chunk
+computes again are not added twice; the others are sent past the end and dropped). For the MoE
+combine (k copies of a token, gate-weighted) and the copies' input gradients, with no ``[m, n]``
+buffer written and read back.
+
 Backward (``moejax.ops.gmm``'s custom VJP): ``dlhs = gmm(dout, rhs, transpose_rhs=not
 transpose_rhs)``, whose transposed contraction is a ``dot_general`` on ``rhs[g]`` (no transposed
 copy of ``rhs``), and ``drhs = tgmm(lhs, dout)``.
@@ -161,14 +172,14 @@ def chunk_plan(group_sizes, group_offset, num_local: int, m: int, tm: int) -> Ch
                      groups.nonempty_G, groups.num_nonempty)
 
 
-def _operands(lhs, rhs):
-    """Both operands in their common dtype, behind a barrier.
+def _operands(lhs, rhs, *extras):
+    """Both operands in their common dtype (and the prologues' extra operands), behind a barrier.
 
     The barrier keeps XLA from sinking a broadcast operand (the cotangent of ``sum(out)`` is one)
     into the loop bodies, where it would be materialised again on every iteration.
     """
     dtype = common.promote_types(lhs.dtype, rhs.dtype)
-    return jax.lax.optimization_barrier((lhs.astype(dtype), rhs.astype(dtype)))
+    return jax.lax.optimization_barrier((lhs.astype(dtype), rhs.astype(dtype), *extras))
 
 
 def _own_zeros(shape, dtype, *operands):
@@ -194,22 +205,64 @@ def _chunk_rows(x, row, c: int, index=None):
     return x.at[jax.lax.dynamic_slice_in_dim(index, row, c)].get(mode="promise_in_bounds")
 
 
+def _operand_rows(x, row, c: int, index, fn, extras, dtype):
+    """Rows ``row .. row + c`` of the operand: of ``x`` (or ``x[index]``), passed through the
+    prologue ``fn`` with the same rows of each extra operand when there is one."""
+    x_C = _chunk_rows(x, row, c, index)
+    if fn is None:
+        return x_C
+    return fn(x_C, *(jax.lax.dynamic_slice_in_dim(e, row, c) for e in extras)).astype(dtype)
+
+
+def _check_prologue(name, fn, extras, m):
+    if extras and fn is None:
+        raise ValueError(f"{name}_extras were given without {name}_fn")
+    for extra in extras:
+        if extra.shape[:1] != (m,):
+            raise ValueError(f"each of {name}_extras must have the operand's {m} rows (one per "
+                             f"row, sliced with it), got shape {extra.shape}")
+
+
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element_type, tiling,
-        interpret, lhs_rows=None):
+        interpret, lhs_rows=None, lhs_fn=None, lhs_extras=(), out_rows=None, out_scale=None,
+        num_out_rows=None):
     """``out[rows_i] = lhs[rows_i] @ rhs[i - group_offset]`` for the local groups; other rows 0.
 
     With ``lhs_rows`` (int [m], every index in range) the operand is ``lhs[lhs_rows]``, gathered
-    chunk by chunk instead of slice by slice: the ``[m, k]`` operand is never built."""
+    chunk by chunk instead of slice by slice: the ``[m, k]`` operand is never built. With
+    ``lhs_fn`` (a row-wise function) it is ``lhs_fn(lhs[rows], *(e[rows] for e in lhs_extras))``,
+    computed chunk by chunk (``lhs_extras``: arrays of ``m`` rows, sliced by position), so an
+    elementwise prologue such as the activation is never written out either.
+
+    With ``out_rows`` (int [m], each in ``[0, num_out_rows)``) the result is not the ``[m, n]``
+    product but its rows added up by destination: ``out[out_rows[r]] += out_scale[r] · prod[r]``
+    over the rows ``r`` of the local groups (``out_scale``: [m] or [m, 1], default 1), an
+    ``[num_out_rows, n]`` array. Each chunk adds its own rows as it goes, so the product is never
+    written out (the combine of the k copies of each token, or their input gradients)."""
     del interpret
     m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
+    _check_prologue("lhs", lhs_fn, lhs_extras, m)
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type)
+    out_shape = (m, n)
+    if out_rows is not None or out_scale is not None or num_out_rows is not None:
+        if out_rows is None or num_out_rows is None or jnp.shape(out_rows) != (m,):
+            raise ValueError(f"gmm: out_rows (int [{m}], one per operand row) and num_out_rows go "
+                             f"together, got out_rows of shape {jnp.shape(out_rows)} and "
+                             f"num_out_rows={num_out_rows}")
+        if out_scale is not None and jnp.size(out_scale) != m:
+            raise ValueError(f"gmm: out_scale needs one value per operand row ({m}), got shape "
+                             f"{jnp.shape(out_scale)}")
+        out_shape = (num_out_rows, n)
+    varying = (lhs, rhs, group_sizes, lhs_rows, out_rows, out_scale, *lhs_extras)
     if m == 0 or num_local == 0:
-        return _varying_like(jnp.zeros((m, n), out_dtype), lhs, rhs, group_sizes, lhs_rows)
-    lhs, rhs = _operands(lhs, rhs)
-    out_MxN = _varying_like(_own_zeros((m, n), out_dtype, lhs, rhs), lhs, rhs, group_sizes,
-                            lhs_rows)
+        return _varying_like(jnp.zeros(out_shape, out_dtype), *varying)
+    lhs, rhs, *lhs_extras = _operands(lhs, rhs, *lhs_extras)
+    dtype = rhs.dtype
+    out_MxN = _varying_like(_own_zeros(out_shape, out_dtype, lhs, rhs), *varying)
+    if out_scale is not None:
+        out_scale = jnp.reshape(out_scale, (m, 1)).astype(jnp.float32)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     plan = chunk_plan(group_sizes, group_offset, num_local, m, tm)
     dims = (((1,), (1,)) if transpose_rhs else ((1,), (0,)), ((), ()))
@@ -222,24 +275,39 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, preferred_element
 
             def chunk(j, c=c, first=first):
                 row = _chunk_start(first + j * c, end, c, m)
-                x_CxK = _chunk_rows(lhs, row, c, lhs_rows)
+                x_CxK = _operand_rows(lhs, row, c, lhs_rows, lhs_fn, lhs_extras, dtype)
                 y_CxN = jax.lax.dot_general(x_CxK, rhs_g, dims, preferred_element_type=jnp.float32)
-                return row, y_CxN.astype(out_dtype)
+                return row, y_CxN
 
             def write(j, out_MxN, chunk=chunk):
                 row, y_CxN = chunk(j)
-                return jax.lax.dynamic_update_slice_in_dim(out_MxN, y_CxN, row, 0)
+                return jax.lax.dynamic_update_slice_in_dim(out_MxN, y_CxN.astype(out_dtype), row, 0)
 
             def write_masked(j, out_MxN, chunk=chunk, c=c):
                 row, y_CxN = chunk(j)
                 rows_C = row + jnp.arange(c, dtype=jnp.int32)
                 mine_C = (rows_C >= start) & (rows_C < end)
                 old_CxN = jax.lax.dynamic_slice_in_dim(out_MxN, row, c)
-                y_CxN = jnp.where(mine_C[:, None], y_CxN, old_CxN)
+                y_CxN = jnp.where(mine_C[:, None], y_CxN.astype(out_dtype), old_CxN)
                 return jax.lax.dynamic_update_slice_in_dim(out_MxN, y_CxN, row, 0)
 
+            def add_rows(j, out_RxN, chunk=chunk, c=c, first=first):
+                # The chunk's new rows (from its nominal start, before the group's end) are added
+                # to their destinations; the others (done by an earlier chunk, or another group's)
+                # go to indices past the end, which the scatter drops.
+                row, y_CxN = chunk(j)
+                rows_C = row + jnp.arange(c, dtype=jnp.int32)
+                mine_C = (rows_C >= first + j * c) & (rows_C < end)
+                dest_C = jax.lax.dynamic_slice_in_dim(out_rows, row, c).astype(jnp.int32)
+                dest_C = jnp.where(mine_C, dest_C, out_shape[0] + jnp.arange(c, dtype=jnp.int32))
+                if out_scale is not None:
+                    y_CxN = y_CxN * jax.lax.dynamic_slice_in_dim(out_scale, row, c)
+                return out_RxN.at[dest_C].add(y_CxN.astype(out_dtype), mode="drop")
+
             count = plan.counts[i][g]
-            if c != plan.sizes[-1]:
+            if out_rows is not None:
+                out_MxN = jax.lax.fori_loop(0, count, add_rows, out_MxN)
+            elif c != plan.sizes[-1]:
                 out_MxN = jax.lax.fori_loop(0, count, write, out_MxN)
             else:
                 # Only a group smaller than the smallest size has a chunk that spills out of it.
@@ -261,21 +329,28 @@ def closing_sizes(m: int, tm: int) -> tuple[int, ...]:
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_type, tiling,
-         interpret, lhs_rows=None, rhs_rows=None):
+         interpret, lhs_rows=None, rhs_rows=None, lhs_fn=None, lhs_extras=(), rhs_fn=None,
+         rhs_extras=()):
     """``out[i] = lhs[rows_j].T @ rhs[rows_j]`` with ``j = group_offset + i``; empty group -> 0.
 
-    ``lhs_rows`` / ``rhs_rows``: as gmm's ``lhs_rows``, for either operand."""
+    ``lhs_rows`` / ``rhs_rows``, ``lhs_fn`` / ``rhs_fn`` and their extras: as gmm's, for either
+    operand (``k``: the last dimension of ``lhs_fn``'s result, which must keep ``lhs``'s)."""
     del interpret
     k = lhs.shape[1]
     m = rhs.shape[0] if rhs_rows is None else rhs_rows.shape[0]
+    _check_prologue("lhs", lhs_fn, lhs_extras, m)
+    _check_prologue("rhs", rhs_fn, rhs_extras, m)
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
     if m == 0:
         return _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, rhs, group_sizes,
                              lhs_rows, rhs_rows)
-    lhs, rhs = _operands(lhs, rhs)
+    num_lhs_extras = len(lhs_extras)
+    lhs, rhs, *extras = _operands(lhs, rhs, *lhs_extras, *rhs_extras)
+    lhs_extras, rhs_extras = extras[:num_lhs_extras], extras[num_lhs_extras:]
+    dtype = rhs.dtype
     out_GxKxN = _varying_like(_own_zeros((num_groups, k, n), out_dtype, lhs, rhs), lhs, rhs,
-                              group_sizes, lhs_rows, rhs_rows)
+                              group_sizes, lhs_rows, rhs_rows, *extras)
     tm = tiling[0] if tiling else _DEFAULT_CHUNK
     sizes = closing_sizes(m, tm)
     full = sizes[-1]
@@ -284,10 +359,10 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, preferred_element_t
 
     def product(c, row, mine_C=None):
         """``lhs[row:row+c].T @ rhs[row:row+c]`` over the rows of ``mine_C`` (default: all)."""
-        x_CxK = _chunk_rows(lhs, row, c, lhs_rows)
+        x_CxK = _operand_rows(lhs, row, c, lhs_rows, lhs_fn, lhs_extras, dtype)
         if mine_C is not None:
             x_CxK = jnp.where(mine_C[:, None], x_CxK, jnp.zeros_like(x_CxK))
-        d_CxN = _chunk_rows(rhs, row, c, rhs_rows)
+        d_CxN = _operand_rows(rhs, row, c, rhs_rows, rhs_fn, rhs_extras, dtype)
         return jax.lax.dot_general(x_CxK, d_CxN, dims, preferred_element_type=jnp.float32)
 
     def closing_product(c, nominal, end):

@@ -6,25 +6,28 @@ the expert weights. Written as one VJP it chooses what the backward pass keeps a
 buffer is written, where the composition of the three ops keeps every intermediate:
 
 * **Residuals**: only the hidden pre-activations ``h = x_perm · w_in`` (and ``x_perm · w_up`` for
-  GLU experts). The activations are computed from ``h`` again (XLA may merge that with the
-  forward pass's and keep those: it does for exact gelu, with its erf and exp terms), and the
-  expert outputs ``y_perm`` are not kept at all. The accelerator backends keep the sorted copies
-  ``x_perm`` too.
-* **No sorted copies on the ``cpu`` backend**: there the gmm and tgmm kernels take ``x`` (and the
-  cotangent ``dy``) with the copies' token indices and gather each row chunk where they would
-  otherwise slice it (XLA:CPU copies a dynamically sliced matmul operand anyway), so the
-  ``[T·k, D]`` buffers ``x_perm`` (forward, and again for ``w_in``'s gradient) and ``dy_perm``
-  are never written.
+  GLU experts). The activations are computed from ``h`` again, and the expert outputs ``y_perm``
+  are not kept at all. The accelerator backends keep the sorted copies ``x_perm`` too.
 * **Gate gradients without ``y_perm``**: ``d gate[t, j] = <dy[t], y_perm[r]>`` with
   ``y_perm[r] = a[r] · w_out[e]`` equals ``<dy[t] · w_out[e]ᵀ, a[r]>``: a row sum over the
   product ``g = dy_perm · w_out[e]ᵀ`` that the input gradient needs anyway, taken before the gate
   scales it.
-* **Order**: the backward pass runs ``g``, the gate gradients, ``w_out``'s gradient, then the
-  hidden gradient, ``x``'s and ``w_in``'s gradients; each step is made to wait for the previous
-  one (:func:`_after`), so fewer ``[T·k, F]`` / ``[T·k, D]`` buffers are live at once. Compiled
-  temporaries of the layer's forward+backward at T = 8192, d_model = d_ff = 512, k = 2, relu:
-  115 MiB at E = 8 and 88 MiB at E = 64 (gelu: 209 and 182 MiB), against 177 and 137 MiB (relu)
-  for the three ops differentiated one by one.
+* **On the ``cpu`` backend, no ``[T·k, ·]`` buffer but ``h`` and ``g`` is written**: the gmm and
+  tgmm kernels take ``x`` (and the cotangent ``dy``) with the copies' token indices and gather each
+  row chunk where they would otherwise slice it (XLA:CPU copies a dynamically sliced matmul
+  operand anyway); they apply the activation (forward), ``gate · a`` (``w_out``'s gradient) and
+  the hidden gradient ``dh = act'(h) · gate · g`` (``x``'s and ``w_in``'s gradients) to each chunk
+  as they copy it (prologues); and the second forward matmul and the input-gradient matmul add
+  each chunk's rows, gate-weighted or not, straight into the ``[T, D]`` result (a token's k copies
+  add up there). So ``x_perm``, ``a``, ``y_perm``, ``dy_perm``, ``gate · a``, ``dh`` and
+  ``dx_perm`` are never written. ``dh`` is computed twice (once per kernel that reads it), which
+  is cheaper than writing it and reading it back.
+* **Order**: the backward pass runs ``g``, the gate gradients, ``w_out``'s gradient, then
+  ``x``'s and ``w_in``'s gradients; each step is made to wait for the previous one
+  (:func:`_after`), so fewer buffers are live at once. Compiled temporaries of the layer's
+  forward+backward at T = 8192, d_model = d_ff = 512, k = 2, relu: 85 MiB at E = 8 and 90 MiB at
+  E = 64 (gelu: 114 and 90 MiB), against 177 and 137 MiB (relu) for the three ops differentiated
+  one by one.
 
 On the CPU every buffer a call writes is memory faulted in afresh, so buffers not written are time
 saved (``benchmarks/RESULTS.md``). Results equal the composition up to float rounding.
@@ -82,21 +85,32 @@ def _sorted_rows(src_TxD, tokens_TK, gather_in_gmm: bool, scope: str):
         return dispatch_ops._rows(src_TxD, tokens_TK), None
 
 
-def _mm(lhs, rhs, group_sizes, experts, lhs_rows=None, transpose_rhs=False):
-    """``gmm(lhs, rhs)``, or ``gmm(lhs[lhs_rows], rhs)`` gathered by the ``cpu`` kernel."""
-    if lhs_rows is None:
+def _mm(lhs, rhs, group_sizes, experts, lhs_rows=None, transpose_rhs=False, lhs_fn=None,
+        lhs_extras=(), fused=False, **scatter):
+    """``gmm(lhs, rhs)`` with the operand ``lhs_fn(lhs[lhs_rows], *lhs_extras)``: built first for
+    the accelerator backends, gathered and computed chunk by chunk by the ``cpu`` kernel
+    (``fused``)."""
+    if not fused:
+        if lhs_fn is not None:
+            lhs = lhs_fn(lhs, *lhs_extras)
         return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, **experts.gmm_options)
     with jax.named_scope("gmm"):
+        dtype = jnp.float32 if scatter else promote_types(lhs.dtype, rhs.dtype)
         return cpu_kernels.gmm(
             lhs, rhs, group_sizes, jnp.int32(0), transpose_rhs=transpose_rhs,
-            preferred_element_type=promote_types(lhs.dtype, rhs.dtype),
-            tiling=_normalize_tiling(experts.gmm_tiling), interpret=None, lhs_rows=lhs_rows)
+            preferred_element_type=dtype, tiling=_normalize_tiling(experts.gmm_tiling),
+            interpret=None, lhs_rows=lhs_rows, lhs_fn=lhs_fn, lhs_extras=tuple(lhs_extras),
+            **scatter)
 
 
-def _weight_grad(lhs, rhs, group_sizes, experts, like, lhs_rows=None, rhs_rows=None):
-    """``tgmm(lhs, rhs)`` in ``like``'s dtype; an operand with rows is gathered by the ``cpu``
-    kernel."""
-    if lhs_rows is None and rhs_rows is None:
+def _weight_grad(lhs, rhs, group_sizes, experts, like, lhs_rows=None, rhs_rows=None,
+                 lhs_fn=None, lhs_extras=(), rhs_fn=None, rhs_extras=(), fused=False):
+    """``tgmm(lhs, rhs)`` in ``like``'s dtype, each operand as in :func:`_mm`."""
+    if not fused:
+        if lhs_fn is not None:
+            lhs = lhs_fn(lhs, *lhs_extras)
+        if rhs_fn is not None:
+            rhs = rhs_fn(rhs, *rhs_extras)
         out = tgmm(lhs, rhs, group_sizes, **experts.gmm_options)
     else:
         with jax.named_scope("tgmm"):
@@ -104,22 +118,54 @@ def _weight_grad(lhs, rhs, group_sizes, experts, like, lhs_rows=None, rhs_rows=N
                 lhs, rhs, group_sizes, jnp.int32(0), num_groups=group_sizes.shape[0],
                 preferred_element_type=promote_types(lhs.dtype, rhs.dtype),
                 tiling=_normalize_tiling(experts.gmm_tiling), interpret=None,
-                lhs_rows=lhs_rows, rhs_rows=rhs_rows)
+                lhs_rows=lhs_rows, rhs_rows=rhs_rows, lhs_fn=lhs_fn, lhs_extras=tuple(lhs_extras),
+                rhs_fn=rhs_fn, rhs_extras=tuple(rhs_extras))
     return out.astype(like.dtype)
 
 
+def _activations(experts, dtype):
+    """Row-wise functions of the hidden pre-activations ``h`` (and ``up``): the expert FFN's
+    activation ``a``, the gated activation for ``w_out``'s gradient, and the hidden gradients."""
+    act_fn = activation_fn(experts.activation)
+
+    def a_fn(h, *up):
+        a = act_fn(h)
+        return a if not up else a * up[0]
+
+    def a_w_fn(h, gate, *up):  # gate · a, the rows of w_out's gradient
+        return (gate * a_fn(h, *up).astype(jnp.float32)).astype(dtype)
+
+    def dh_fn(g, h, gate, *up):  # the cotangent of h, from g = dy · w_out[e]ᵀ
+        da = (gate * g).astype(h.dtype)
+        _, act_vjp = jax.vjp(act_fn, h)
+        return act_vjp(da if not up else da * up[0])[0].astype(dtype)
+
+    def d_up_fn(g, h, gate):  # the cotangent of up
+        return ((gate * g).astype(h.dtype) * act_fn(h)).astype(dtype)
+
+    return a_fn, a_w_fn, dh_fn, d_up_fn
+
+
 def _forward(k, gather_in_gmm, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+    num_tokens = x_TxD.shape[0]
     x_src, x_rows = _sorted_rows(x_TxD, dispatch_ops._tokens(order_TK, k), gather_in_gmm,
                                  "permute")
-    h = _mm(x_src, experts.w_in, group_sizes, experts, x_rows)
-    up = None if experts.w_up is None else _mm(x_src, experts.w_up, group_sizes, experts, x_rows)
-    a = activation_fn(experts.activation)(h)
-    if up is not None:
-        a = a * up
-    y_perm = _mm(a, experts.w_out, group_sizes, experts)
-    with jax.named_scope("unpermute"):
-        y = dispatch_ops._weighted_rows(y_perm, weights_TxK,
-                                        inverse_TK.reshape(weights_TxK.shape))
+    mm = functools.partial(_mm, group_sizes=group_sizes, experts=experts, fused=gather_in_gmm)
+    h = mm(x_src, experts.w_in, lhs_rows=x_rows)
+    up = None if experts.w_up is None else mm(x_src, experts.w_up, lhs_rows=x_rows)
+    a_fn = _activations(experts, x_TxD.dtype)[0]
+    # On the cpu backend the activation is applied chunk by chunk inside the kernel, and each
+    # chunk's rows are added, gate-weighted, to their tokens' outputs.
+    ups = () if up is None else (up,)
+    if gather_in_gmm:
+        gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK]
+        y = mm(h, experts.w_out, lhs_fn=a_fn, lhs_extras=ups, out_rows=x_rows, out_scale=gate_TK,
+               num_out_rows=num_tokens)
+    else:
+        y_perm = mm(h, experts.w_out, lhs_fn=a_fn, lhs_extras=ups)
+        with jax.named_scope("unpermute"):
+            y = dispatch_ops._weighted_rows(y_perm, weights_TxK,
+                                            inverse_TK.reshape(weights_TxK.shape))
     # The sorted copies are kept where they were built (x itself is a residual anyway).
     return y, (None if gather_in_gmm else x_src, h, up)
 
@@ -144,49 +190,67 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
     (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up,
      x_perm) = residuals
     w_in, w_up, w_out = experts.weights
-
-    def mm_t(lhs, rhs, lhs_rows=None):  # lhs · rhs[e]ᵀ
-        return _mm(lhs, rhs, group_sizes, experts, lhs_rows,
-                   transpose_rhs=True).astype(jnp.float32)
-
     dtype = x_TxD.dtype
+    fused = gather_in_gmm
+    a_fn, a_w_fn, dh_fn, d_up_fn = _activations(experts, dtype)
+    ups = () if up is None else (up,)
+
+    def mm_t(lhs, rhs, **kw):  # lhs · rhs[e]ᵀ
+        return _mm(lhs, rhs, group_sizes, experts, transpose_rhs=True, fused=fused,
+                   **kw).astype(jnp.float32)
+
+    def weight_grad(lhs, rhs, like, **kw):
+        return _weight_grad(lhs, rhs, group_sizes, experts, like, fused=fused, **kw)
+
     tokens_TK = dispatch_ops._tokens(order_TK, k)
     inverse_TxK = inverse_TK.reshape(weights_TxK.shape)
     # Unweighted cotangent rows, then g = dy_perm · w_out[e]ᵀ (the gates are applied after).
     dy_src, dy_rows = _sorted_rows(dy_TxD.astype(dtype), tokens_TK, gather_in_gmm, "unpermute")
-    g = mm_t(dy_src, w_out, dy_rows)
-    act, act_vjp = jax.vjp(activation_fn(experts.activation), h)
-    a = act if up is None else act * up
-    a = a.astype(jnp.float32)
+    g = mm_t(dy_src, w_out, lhs_rows=dy_rows)
     # d gate = <dy[t], a[r] · w_out[e]> = <g[r], a[r]>.
     with jax.named_scope("unpermute"):
-        d_gate_TK = jnp.sum(g * a, axis=-1)
+        d_gate_TK = jnp.sum(g * a_fn(h, *ups).astype(jnp.float32), axis=-1)
         d_weights_TxK = dispatch_ops._rows(d_gate_TK, inverse_TxK).astype(weights_TxK.dtype)
     gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
-    # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g).
-    a_w = (_after(gate_TK, d_gate_TK) * a).astype(dtype)
-    d_w_out = _weight_grad(a_w, dy_src, group_sizes, experts, w_out, rhs_rows=dy_rows)
-    da = _after(_after(gate_TK, g) * g, d_w_out).astype(h.dtype)
-    if up is None:
-        (dh,) = act_vjp(da)
-        d_up = None
-    else:
-        (dh,) = act_vjp(da * up)
-        d_up = (da * act).astype(dtype)
-    dh = dh.astype(dtype)
-    # The sorted copies of x: kept by the forward pass, or gathered again chunk by chunk.
+    # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g);
+    # on the cpu backend gate · a is computed chunk by chunk inside the kernel.
+    d_w_out = weight_grad(h, dy_src, w_out, rhs_rows=dy_rows, lhs_fn=a_w_fn,
+                          lhs_extras=(_after(gate_TK, d_gate_TK), *ups))
+    # The hidden gradients dh (and d_up), after w_out's gradient.
+    gate_TK = _after(_after(gate_TK, g), d_w_out)
     x_src, x_rows = (x_TxD, tokens_TK) if x_perm is None else (x_perm, None)
-    dx_perm = mm_t(dh, w_in)
-    d_w_in = _weight_grad(x_src, dh, group_sizes, experts, w_in, lhs_rows=x_rows)
+    # (operand, its prologue) for the kernels that read dh, and d_up.
+    if fused:
+        # dh (d_up) is computed from g, h and the gates chunk by chunk in each kernel that reads
+        # it, and each chunk's input gradients are added to their tokens' rows (the k copies of a
+        # token add up there): neither dh nor the copies' input gradients are written out.
+        dh = (g, dict(fn=dh_fn, extras=(h, gate_TK, *ups)))
+        d_up = None if up is None else (g, dict(fn=d_up_fn, extras=(h, gate_TK)))
+        to_tokens = dict(out_rows=tokens_TK, num_out_rows=x_TxD.shape[0])
+    else:
+        dh = (dh_fn(g, h, gate_TK, *ups), dict(fn=None, extras=()))
+        d_up = None if up is None else (d_up_fn(g, h, gate_TK), dict(fn=None, extras=()))
+        to_tokens = {}
+
+    def grads(w, src_and_fn):  # the input gradients (by copy, or by token) and w's gradient
+        src, fn = src_and_fn
+        dx = mm_t(src, w, lhs_fn=fn["fn"], lhs_extras=fn["extras"], **to_tokens)
+        return dx, weight_grad(x_src, src, w, lhs_rows=x_rows, rhs_fn=fn["fn"],
+                               rhs_extras=fn["extras"])
+
+    dx, d_w_in = grads(w_in, dh)
     d_w_up = None
-    if d_up is not None:
-        dx_perm = dx_perm + mm_t(d_up, w_up)
-        d_w_up = _weight_grad(x_src, d_up, group_sizes, experts, w_up, lhs_rows=x_rows)
-    # A token's k copies add up: one gather per choice, summed in f32 in one pass.
-    with jax.named_scope("permute"):
-        dx_TxD = dispatch_ops._rows(dx_perm, inverse_TxK[:, 0])
-        for j in range(1, k):
-            dx_TxD = dx_TxD + dispatch_ops._rows(dx_perm, inverse_TxK[:, j])
+    if up is not None:
+        dx_up, d_w_up = grads(w_up, d_up)
+        dx = dx + dx_up
+    if fused:
+        dx_TxD = dx
+    else:
+        # A token's k copies add up: one gather per choice, summed in f32 in one pass.
+        with jax.named_scope("permute"):
+            dx_TxD = dispatch_ops._rows(dx, inverse_TxK[:, 0])
+            for j in range(1, k):
+                dx_TxD = dx_TxD + dispatch_ops._rows(dx, inverse_TxK[:, j])
     return (dx_TxD.astype(x_TxD.dtype), d_weights_TxK, None, None, None,
             experts.with_weights(d_w_in, d_w_up, d_w_out))
 
