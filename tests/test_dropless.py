@@ -165,6 +165,32 @@ def test_the_backward_pass_keeps_fewer_buffers_than_the_composition(activation):
     assert temp_bytes(_fused) <= temp_bytes(_composed) - 3 * buffer
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_more_copies_than_a_row_block_equal_the_composition(glu):
+    """1400 copies: the gate gradients are summed in row blocks (the last one overlapping its
+    predecessor), the kernels run several chunks per group; values and gradients as the
+    composition's."""
+    num_tokens, k, e = 700, 2, 3
+    rng = np.random.default_rng(1)
+    indices = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(num_tokens)]),
+                          jnp.int32)
+    gates = jnp.asarray(rng.uniform(0.1, 1, (num_tokens, k)), jnp.float32)
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(keys[0], (num_tokens, D))
+    weights = (jax.random.normal(keys[1], (e, D, F)) * D ** -0.5,
+               jax.random.normal(keys[3], (e, D, F)) * D ** -0.5 if glu else None,
+               jax.random.normal(keys[2], (e, F, D)) * F ** -0.5)
+
+    def loss(fn):
+        return lambda x, gates, weights: jnp.sum(
+            jnp.sin(fn(x, gates, weights, indices, None, "gelu", "cpu")))
+
+    got = jax.jit(jax.value_and_grad(loss(_fused), argnums=(0, 1, 2)))(x, gates, weights)
+    want = jax.jit(jax.value_and_grad(loss(_composed), argnums=(0, 1, 2)))(x, gates, weights)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
 def test_shape_mismatch_names_the_shapes():
     x, indices, gates, assigned, weights = _case(2, 8)
     copies = dispatch.sort_for_dropless(x, indices, 8, assigned)

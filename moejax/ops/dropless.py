@@ -25,9 +25,10 @@ buffer is written, where the composition of the three ops keeps every intermedia
 * **Order**: the backward pass runs ``g``, the gate gradients, ``w_out``'s gradient, then
   ``x``'s and ``w_in``'s gradients; each step is made to wait for the previous one
   (:func:`_after`), so fewer buffers are live at once. Compiled temporaries of the layer's
-  forward+backward at T = 8192, d_model = d_ff = 512, k = 2, relu: 85 MiB at E = 8 and 90 MiB at
-  E = 64 (gelu: 114 and 90 MiB), against 177 and 137 MiB (relu) for the three ops differentiated
-  one by one.
+  forward+backward at T = 8192, d_model = d_ff = 512, k = 2: 85 MiB at E = 8 and 90 MiB at
+  E = 64, relu or exact gelu (the gate gradients are summed one block of rows at a time, so XLA
+  writes gelu's erfc term for a block only), against 177 and 137 MiB (relu) for the three ops
+  differentiated one by one.
 
 On the CPU every buffer a call writes is memory faulted in afresh, so buffers not written are time
 saved (``benchmarks/RESULTS.md``). Results equal the composition up to float rounding.
@@ -146,6 +147,29 @@ def _activations(experts, dtype):
     return a_fn, a_w_fn, dh_fn, d_up_fn
 
 
+_ROW_BLOCK = 512
+
+
+def _row_dots(g, a_fn, h, *ups, blocked):
+    """``sum(g * a_fn(h, *ups), axis=-1)`` in f32. ``blocked``: one block of rows at a time, so
+    that XLA:CPU, which otherwise computes an activation's transcendental part (gelu's erfc) as a
+    ``[T·k, F]`` array of its own before the reduction, writes at most a block of it."""
+    def dots(g, h, *ups):
+        return jnp.sum(g.astype(jnp.float32) * a_fn(h, *ups).astype(jnp.float32), axis=-1)
+
+    m = g.shape[0]
+    if not blocked or m <= _ROW_BLOCK:
+        return dots(g, h, *ups)
+
+    def block(i, out_M):
+        start = jnp.minimum(i * _ROW_BLOCK, m - _ROW_BLOCK)  # the last block ends at row m
+        rows = [jax.lax.dynamic_slice_in_dim(v, start, _ROW_BLOCK) for v in (g, h, *ups)]
+        return jax.lax.dynamic_update_slice_in_dim(out_M, dots(*rows), start, 0)
+
+    out_M = jnp.zeros((m,), jnp.float32)
+    return jax.lax.fori_loop(0, -(-m // _ROW_BLOCK), block, out_M)
+
+
 def _forward(k, gather_in_gmm, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
     num_tokens = x_TxD.shape[0]
     x_src, x_rows = _sorted_rows(x_TxD, dispatch_ops._tokens(order_TK, k), gather_in_gmm,
@@ -209,7 +233,7 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
     g = mm_t(dy_src, w_out, lhs_rows=dy_rows)
     # d gate = <dy[t], a[r] · w_out[e]> = <g[r], a[r]>.
     with jax.named_scope("unpermute"):
-        d_gate_TK = jnp.sum(g * a_fn(h, *ups).astype(jnp.float32), axis=-1)
+        d_gate_TK = _row_dots(g, a_fn, h, *ups, blocked=fused)
         d_weights_TxK = dispatch_ops._rows(d_gate_TK, inverse_TxK).astype(weights_TxK.dtype)
     gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
     # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g);
