@@ -176,6 +176,7 @@ def test_moe_layer_benchmark_step_cases_compute_what_they_claim(activation):
     import importlib.util
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     root = os.path.dirname(EXPERIMENTS)
@@ -203,3 +204,22 @@ def test_moe_layer_benchmark_step_cases_compute_what_they_claim(activation):
         np.testing.assert_allclose(float(loss), np.sum(y ** 2), rtol=1e-4)
         assert d_x.shape == x.shape and d_params["w_in"].shape == params["w_in"].shape
         assert np.all(np.isfinite(np.asarray(d_x))) and np.any(np.asarray(d_params["w_out"]) != 0)
+
+        # Gradients against autodiff of the same per-token loop in jnp (each token's k experts'
+        # weights gathered; no code of the benchmark or of moejax).
+        def reference(params, x):
+            w_in, w_out = params["w_in"], params["w_out"]
+            if not per_expert:
+                w_in, w_out = w_in[None], w_out[None]
+            e = indices if per_expert else np.zeros_like(indices)
+            jact = {"relu": jax.nn.relu,
+                    "gelu": lambda h: jax.nn.gelu(h, approximate=False)}[activation]
+            h = jact(jnp.einsum("td,tkdf->tkf", x, w_in[e]))
+            y = jnp.einsum("tk,tkd->td", gates, jnp.einsum("tkf,tkfd->tkd", h, w_out[e]))
+            return jnp.sum(y ** 2)
+
+        want_params, want_x = jax.grad(reference, argnums=(0, 1))(params, jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(d_x), np.asarray(want_x), rtol=1e-4, atol=1e-4)
+        for name in ("w_in", "w_out"):
+            np.testing.assert_allclose(np.asarray(d_params[name]), np.asarray(want_params[name]),
+                                       rtol=1e-4, atol=1e-4)

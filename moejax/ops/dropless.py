@@ -58,7 +58,8 @@ def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_Tx
         raise ValueError(
             f"dropless_ffn: x {x_TxD.shape}, weights {weights_TxK.shape} and the sorted copies "
             f"({copies.order_TK.shape[0]}) must agree on T = {num_tokens} tokens, k = {k}")
-    gather_in_gmm = resolve_backend(experts.gmm_backend) == "cpu"
+    # The cpu kernels gather, transform and scatter rows chunk by chunk (module docstring).
+    fused = resolve_backend(experts.gmm_backend) == "cpu"
     with jax.named_scope("dropless_ffn"):
         # Inside a shard_map the expert weights too: each shard's weight gradients vary, and
         # JAX sums them over the shards (the transpose of the cast) into the weights' type.
@@ -67,7 +68,7 @@ def dropless_ffn(x_TxD: jax.Array, copies: dispatch_ops.SortedCopies, weights_Tx
             dispatch_ops._varying_as_all(x_TxD, weights_TxK, copies.order_TK, copies.inverse_TK,
                                          w_in, w_out, *([] if w_up is None else [w_up])))
         experts = experts.with_weights(w_in, w_up[0] if w_up else None, w_out)
-        return _dropless((k, gather_in_gmm), x_TxD, weights_TxK, order_TK, inverse_TK,
+        return _dropless((k, fused), x_TxD, weights_TxK, order_TK, inverse_TK,
                          copies.group_sizes_E, experts)
 
 
@@ -76,38 +77,40 @@ def _after(x, dep):
     return jnp.where(false_from(dep), jnp.zeros_like(x), x)
 
 
-def _sorted_rows(src_TxD, tokens_TK, gather_in_gmm: bool, scope: str):
+def _sorted_rows(src_TxD, tokens_TK, fused: bool, scope: str):
     """The sorted copies' rows of ``src`` as ``(array, rows)`` for :func:`_mm` / :func:`_weight_grad`:
     ``(src, tokens)`` for the ``cpu`` kernels to gather chunk by chunk (the ``[T·k, D]`` array is
     never written), else ``(src[tokens], None)``, built once."""
-    if gather_in_gmm:
+    if fused:
         return src_TxD, tokens_TK
     with jax.named_scope(scope):
         return dispatch_ops._rows(src_TxD, tokens_TK), None
 
 
 def _mm(lhs, rhs, group_sizes, experts, lhs_rows=None, transpose_rhs=False, lhs_fn=None,
-        lhs_extras=(), fused=False, **scatter):
+        lhs_extras=(), fused=False, out_rows=None, out_scale=None, num_out_rows=None):
     """``gmm(lhs, rhs)`` with the operand ``lhs_fn(lhs[lhs_rows], *lhs_extras)``: built first for
     the accelerator backends, gathered and computed chunk by chunk by the ``cpu`` kernel
-    (``fused``)."""
+    (``fused``), which can also add the product's rows to ``out_rows`` of an f32 result."""
     if not fused:
+        assert lhs_rows is None and out_rows is None, "only the cpu kernels gather or scatter"
         if lhs_fn is not None:
             lhs = lhs_fn(lhs, *lhs_extras)
         return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, **experts.gmm_options)
     with jax.named_scope("gmm"):
-        dtype = jnp.float32 if scatter else promote_types(lhs.dtype, rhs.dtype)
+        dtype = promote_types(lhs.dtype, rhs.dtype) if out_rows is None else jnp.float32
         return cpu_kernels.gmm(
             lhs, rhs, group_sizes, jnp.int32(0), transpose_rhs=transpose_rhs,
             preferred_element_type=dtype, tiling=_normalize_tiling(experts.gmm_tiling),
             interpret=None, lhs_rows=lhs_rows, lhs_fn=lhs_fn, lhs_extras=tuple(lhs_extras),
-            **scatter)
+            out_rows=out_rows, out_scale=out_scale, num_out_rows=num_out_rows)
 
 
 def _weight_grad(lhs, rhs, group_sizes, experts, like, lhs_rows=None, rhs_rows=None,
                  lhs_fn=None, lhs_extras=(), rhs_fn=None, rhs_extras=(), fused=False):
     """``tgmm(lhs, rhs)`` in ``like``'s dtype, each operand as in :func:`_mm`."""
     if not fused:
+        assert lhs_rows is None and rhs_rows is None, "only the cpu kernels gather"
         if lhs_fn is not None:
             lhs = lhs_fn(lhs, *lhs_extras)
         if rhs_fn is not None:
@@ -147,10 +150,15 @@ def _activations(experts, dtype):
     return a_fn, a_w_fn, dh_fn, d_up_fn
 
 
+def _sorted_gates(weights_TxK, order_TK):
+    """The gate of each sorted copy, f32 ``[T·k]``."""
+    return weights_TxK.reshape(-1).astype(jnp.float32)[order_TK]
+
+
 _ROW_BLOCK = 512
 
 
-def _row_dots(g, a_fn, h, *ups, blocked):
+def _gate_grads(g, a_fn, h, *ups, blocked):
     """``sum(g * a_fn(h, *ups), axis=-1)`` in f32. ``blocked``: one block of rows at a time, so
     that XLA:CPU, which otherwise computes an activation's transcendental part (gelu's erfc) as a
     ``[T·k, F]`` array of its own before the reduction, writes at most a block of it."""
@@ -170,28 +178,26 @@ def _row_dots(g, a_fn, h, *ups, blocked):
     return jax.lax.fori_loop(0, -(-m // _ROW_BLOCK), block, out_M)
 
 
-def _forward(k, gather_in_gmm, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
+def _forward(k, fused, x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts):
     num_tokens = x_TxD.shape[0]
-    x_src, x_rows = _sorted_rows(x_TxD, dispatch_ops._tokens(order_TK, k), gather_in_gmm,
-                                 "permute")
-    mm = functools.partial(_mm, group_sizes=group_sizes, experts=experts, fused=gather_in_gmm)
+    x_src, x_rows = _sorted_rows(x_TxD, dispatch_ops._tokens(order_TK, k), fused, "permute")
+    mm = functools.partial(_mm, group_sizes=group_sizes, experts=experts, fused=fused)
     h = mm(x_src, experts.w_in, lhs_rows=x_rows)
     up = None if experts.w_up is None else mm(x_src, experts.w_up, lhs_rows=x_rows)
     a_fn = _activations(experts, x_TxD.dtype)[0]
     # On the cpu backend the activation is applied chunk by chunk inside the kernel, and each
     # chunk's rows are added, gate-weighted, to their tokens' outputs.
     ups = () if up is None else (up,)
-    if gather_in_gmm:
-        gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK]
-        y = mm(h, experts.w_out, lhs_fn=a_fn, lhs_extras=ups, out_rows=x_rows, out_scale=gate_TK,
-               num_out_rows=num_tokens)
+    if fused:
+        y = mm(h, experts.w_out, lhs_fn=a_fn, lhs_extras=ups, out_rows=x_rows,
+               out_scale=_sorted_gates(weights_TxK, order_TK), num_out_rows=num_tokens)
     else:
         y_perm = mm(h, experts.w_out, lhs_fn=a_fn, lhs_extras=ups)
         with jax.named_scope("unpermute"):
             y = dispatch_ops._weighted_rows(y_perm, weights_TxK,
                                             inverse_TK.reshape(weights_TxK.shape))
     # The sorted copies are kept where they were built (x itself is a residual anyway).
-    return y, (None if gather_in_gmm else x_src, h, up)
+    return y, (None if fused else x_src, h, up)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -210,12 +216,11 @@ def _dropless_bwd(config, residuals, dy_TxD):
         return _backward(*config, residuals, dy_TxD)
 
 
-def _backward(k, gather_in_gmm, residuals, dy_TxD):
+def _backward(k, fused, residuals, dy_TxD):
     (x_TxD, weights_TxK, order_TK, inverse_TK, group_sizes, experts, h, up,
      x_perm) = residuals
     w_in, w_up, w_out = experts.weights
     dtype = x_TxD.dtype
-    fused = gather_in_gmm
     a_fn, a_w_fn, dh_fn, d_up_fn = _activations(experts, dtype)
     ups = () if up is None else (up,)
 
@@ -229,43 +234,42 @@ def _backward(k, gather_in_gmm, residuals, dy_TxD):
     tokens_TK = dispatch_ops._tokens(order_TK, k)
     inverse_TxK = inverse_TK.reshape(weights_TxK.shape)
     # Unweighted cotangent rows, then g = dy_perm · w_out[e]ᵀ (the gates are applied after).
-    dy_src, dy_rows = _sorted_rows(dy_TxD.astype(dtype), tokens_TK, gather_in_gmm, "unpermute")
+    dy_src, dy_rows = _sorted_rows(dy_TxD.astype(dtype), tokens_TK, fused, "unpermute")
     g = mm_t(dy_src, w_out, lhs_rows=dy_rows)
     # d gate = <dy[t], a[r] · w_out[e]> = <g[r], a[r]>.
     with jax.named_scope("unpermute"):
-        d_gate_TK = _row_dots(g, a_fn, h, *ups, blocked=fused)
+        d_gate_TK = _gate_grads(g, a_fn, h, *ups, blocked=fused)
         d_weights_TxK = dispatch_ops._rows(d_gate_TK, inverse_TxK).astype(weights_TxK.dtype)
-    gate_TK = weights_TxK.reshape(-1).astype(jnp.float32)[order_TK][:, None]
+    gate_TK = _sorted_gates(weights_TxK, order_TK)[:, None]
     # w_out's gradient: sum_r (gate_r · a_r)ᵀ dy_r, after the gate gradients (which read a and g);
     # on the cpu backend gate · a is computed chunk by chunk inside the kernel.
     d_w_out = weight_grad(h, dy_src, w_out, rhs_rows=dy_rows, lhs_fn=a_w_fn,
                           lhs_extras=(_after(gate_TK, d_gate_TK), *ups))
-    # The hidden gradients dh (and d_up), after w_out's gradient.
+    # The gates that dh (and d_up) read, after w_out's gradient.
     gate_TK = _after(_after(gate_TK, g), d_w_out)
     x_src, x_rows = (x_TxD, tokens_TK) if x_perm is None else (x_perm, None)
-    # (operand, its prologue) for the kernels that read dh, and d_up.
+    # The hidden gradient dh (and d_up) as (operand, prologue, its extras) for the two kernels
+    # that read it.
     if fused:
-        # dh (d_up) is computed from g, h and the gates chunk by chunk in each kernel that reads
-        # it, and each chunk's input gradients are added to their tokens' rows (the k copies of a
-        # token add up there): neither dh nor the copies' input gradients are written out.
-        dh = (g, dict(fn=dh_fn, extras=(h, gate_TK, *ups)))
-        d_up = None if up is None else (g, dict(fn=d_up_fn, extras=(h, gate_TK)))
+        # Computed from g, h and the gates chunk by chunk in each kernel that reads it, and each
+        # chunk's input gradients are added to their tokens' rows (the k copies of a token add up
+        # there): neither dh nor the copies' input gradients are written out.
+        dh = (g, dh_fn, (h, gate_TK, *ups))
+        d_up = None if up is None else (g, d_up_fn, (h, gate_TK))
         to_tokens = dict(out_rows=tokens_TK, num_out_rows=x_TxD.shape[0])
     else:
-        dh = (dh_fn(g, h, gate_TK, *ups), dict(fn=None, extras=()))
-        d_up = None if up is None else (d_up_fn(g, h, gate_TK), dict(fn=None, extras=()))
+        dh = (dh_fn(g, h, gate_TK, *ups), None, ())
+        d_up = None if up is None else (d_up_fn(g, h, gate_TK), None, ())
         to_tokens = {}
 
-    def grads(w, src_and_fn):  # the input gradients (by copy, or by token) and w's gradient
-        src, fn = src_and_fn
-        dx = mm_t(src, w, lhs_fn=fn["fn"], lhs_extras=fn["extras"], **to_tokens)
-        return dx, weight_grad(x_src, src, w, lhs_rows=x_rows, rhs_fn=fn["fn"],
-                               rhs_extras=fn["extras"])
+    def grads(w, src, fn, extras):  # the input gradients (by copy, or by token) and w's gradient
+        dx = mm_t(src, w, lhs_fn=fn, lhs_extras=extras, **to_tokens)
+        return dx, weight_grad(x_src, src, w, lhs_rows=x_rows, rhs_fn=fn, rhs_extras=extras)
 
-    dx, d_w_in = grads(w_in, dh)
+    dx, d_w_in = grads(w_in, *dh)
     d_w_up = None
     if up is not None:
-        dx_up, d_w_up = grads(w_up, d_up)
+        dx_up, d_w_up = grads(w_up, *d_up)
         dx = dx + dx_up
     if fused:
         dx_TxD = dx
