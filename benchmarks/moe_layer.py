@@ -28,7 +28,7 @@ time; process CPU time medians too (they move less when other processes share th
     python benchmarks/moe_layer.py --quick               # small shapes, seconds
     python benchmarks/moe_layer.py --tokens 8192 --experts 8 64 --cases dense_ffn dropless
     python benchmarks/moe_layer.py --order-effect        # why the old dense baseline was slow
-    python benchmarks/moe_layer.py --summary             # the targets, under three allocators
+    python benchmarks/moe_layer.py --summary             # the targets, three allocators + one core
     python benchmarks/moe_layer.py --steps               # dense FFN -> dropless, one change a step
 """
 
@@ -314,6 +314,11 @@ ALLOCATORS = (
     ("glibc, memory kept",
      "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"),
 )
+# One more run of the summary keeps the memory and is held to one core (the child process's CPU
+# affinity, so XLA:CPU sizes its thread pool to one thread): the work each case does, apart from how
+# well it spreads over two cores. XLA's dots on one expert's few hundred rows use two cores less well
+# than the dense FFN's one large dot, so the ratios on one core and on two differ by that.
+ONE_CORE = ("glibc, memory kept, one core", ALLOCATORS[2][1], 1)
 SUMMARY_CASES = ("dense_ffn", "balanced einsum", "dropless", "capacity cf=1.0")
 
 
@@ -357,23 +362,28 @@ def _transparent_hugepages():
 
 def summary(repeats, out):
     """T = 8192, E = 8 and 64, relu and gelu: the dense FFN, the experts alone, dropless and
-    capacity 1.0, once per allocator of ``ALLOCATORS`` (a child process each). Writes ``moe_layer_summary.json``."""
+    capacity 1.0, once per allocator of ``ALLOCATORS`` and once more on one core (``ONE_CORE``), a
+    child process each. Writes ``moe_layer_summary.json``."""
     import subprocess
     import sys
     import tempfile
 
     runs = []
-    for name, tunables in ALLOCATORS:
+    cpus = sorted(os.sched_getaffinity(0))
+    for name, tunables, cores in [(*setup, None) for setup in ALLOCATORS] + [ONE_CORE]:
         env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
+        affinity = set(cpus[:cores]) if cores else None
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "rows.json")
             subprocess.run([sys.executable, os.path.abspath(__file__), "--summary-child", path,
-                            "--repeats", str(repeats)], env=env, check=True)
+                            "--repeats", str(repeats)], env=env, check=True,
+                           preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if cores else None)
             with open(path) as fh:
                 rows = json.load(fh)
-        runs.append({"allocator": name, "glibc_tunables": tunables, "results": rows})
+        runs.append({"allocator": name, "glibc_tunables": tunables, "results": rows,
+                     "cores": cores or len(cpus)})
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "transparent_hugepage": _transparent_hugepages(), "d_model": 512, "d_ff": 512, "k": 2,
@@ -385,7 +395,8 @@ def summary(repeats, out):
 
 
 def _summary_child(path, repeats):
-    print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"{len(os.sched_getaffinity(0))} cores")
     rows = []
     for activation in ACTIVATIONS:
         for num_experts in (8, 64):
@@ -505,7 +516,7 @@ def main():
     parser.add_argument("--experts", type=int, nargs="+", default=None)
     parser.add_argument("--activations", nargs="+", default=list(ACTIVATIONS),
                         choices=list(ACTIVATIONS))
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES) + list(STEP_CASES))
     parser.add_argument("--order-effect", action="store_true",
                         help="only time the dense FFN right after the one-hot case and right "
                              "after itself (results/moe_layer_order.json)")
