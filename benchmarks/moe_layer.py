@@ -516,7 +516,8 @@ def main():
     parser.add_argument("--experts", type=int, nargs="+", default=None)
     parser.add_argument("--activations", nargs="+", default=list(ACTIVATIONS),
                         choices=list(ACTIVATIONS))
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES) + list(STEP_CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES),
+                        choices=list(CASES) + list(STEP_CASES))
     parser.add_argument("--order-effect", action="store_true",
                         help="only time the dense FFN right after the one-hot case and right "
                              "after itself (results/moe_layer_order.json)")

@@ -59,8 +59,7 @@ def _summary_section(summary):
              for key in ("load_before", "load_after")]
     steal = all("steal" in r for run in runs for r in run["results"])
     tunables = "; ".join(f"{run['allocator']}: `GLIBC_TUNABLES={run['glibc_tunables']}`"
-                         for run in runs if run["glibc_tunables"]
-                         and run.get("cores", meta["cpus"]) == meta["cpus"])
+                         for run in runs if run["glibc_tunables"] and not _fewer_cores(run, runs))
     lines = [
         "### The targets: T = 8192, E = 8 and 64 (`python benchmarks/moe_layer.py --summary`)",
         "",
@@ -103,7 +102,7 @@ def _summary_section(summary):
                 d, dense = cell["dropless"], cell["dense_ffn"]
                 met = "yes" if d["ratio_to_dense_ffn"] <= TARGETS[experts] else "no"
                 target = f"≤ {TARGETS[experts]}"
-                if run.get("cores", meta["cpus"]) < meta["cpus"]:
+                if _fewer_cores(run, runs):
                     target, met = "- (the machine's cores)", "-"
                 lines.append(
                     f"| {activation} | {experts} | {run['allocator']} | {dense['seconds']:.3f} | "
@@ -130,19 +129,25 @@ def _summary_section(summary):
     return lines
 
 
+def _fewer_cores(run, runs):
+    """Whether ``run`` was held to fewer cores than the summary's other runs had."""
+    return run.get("cores", 0) < max(r.get("cores", 0) for r in runs)
+
+
+def _ratio_span(run, cases, experts=64):
+    """The range of ``run``'s ratios to the dense FFN over ``cases`` at ``experts`` experts."""
+    ratios = [r["ratio_to_dense_ffn"] for r in run["results"]
+              if r["case"] in cases and r["experts"] == experts]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}×" if ratios else "-"
+
+
 def _one_core_words(runs, meta):
     """What the summary's one-core run is, and the E = 64 ratios on one core and on all cores."""
-    one = [run for run in runs if run.get("cores", meta["cpus"]) < meta["cpus"]]
+    one = [run for run in runs if _fewer_cores(run, runs)]
     if not one:
         return ""
     twin = [run for run in runs if run["glibc_tunables"] == one[0]["glibc_tunables"]
             and run is not one[0]]
-
-    def span(run, case, experts):
-        ratios = [r["ratio_to_dense_ffn"] for r in run["results"]
-                  if r["case"] == case and r["experts"] == experts]
-        return f"{min(ratios):.2f}-{max(ratios):.2f}×" if ratios else "-"
-
     words = (f"\"{one[0]['allocator']}\" is the memory-kept run held to {one[0]['cores']} core "
              "(the process's CPU affinity; XLA:CPU sizes its thread pool to it): the work each case "
              "does, apart from how much of it two cores run in parallel. ")
@@ -156,10 +161,10 @@ def _one_core_words(runs, meta):
             return f"{min(ratios):.2f}-{max(ratios):.2f}×"
 
         words += ("At E = 64, relu and gelu, on one core: dropless "
-                  f"{span(one[0], 'dropless', 64)}, balanced einsum "
-                  f"{span(one[0], 'balanced einsum', 64)}; on {meta['cpus']} cores with the same "
-                  f"allocator: dropless {span(twin[0], 'dropless', 64)}, balanced einsum "
-                  f"{span(twin[0], 'balanced einsum', 64)}. Going from one core to "
+                  f"{_ratio_span(one[0], ['dropless'])}, balanced einsum "
+                  f"{_ratio_span(one[0], ['balanced einsum'])}; on {meta['cpus']} cores with the "
+                  f"same allocator: dropless {_ratio_span(twin[0], ['dropless'])}, balanced einsum "
+                  f"{_ratio_span(twin[0], ['balanced einsum'])}. Going from one core to "
                   f"{meta['cpus']} (every E and activation) speeds up the dense FFN "
                   f"{speedup('dense_ffn')}, the balanced einsum {speedup('balanced einsum')}, "
                   f"capacity {speedup('capacity cf=1.0')} and the dropless layer "
@@ -497,20 +502,14 @@ def _profile_section(profile, summary=None):
 
 def _kept_gap(summary):
     """The E = 64 ratios without page faults (the summary's "memory kept" run), in words."""
-    cpus = (summary or {}).get("meta", {}).get("cpus")
-    kept = [run for run in (summary or {}).get("runs", []) if run["glibc_tunables"]
-            and "mmap_max=0" in run["glibc_tunables"] and run.get("cores", cpus) == cpus]
+    runs = (summary or {}).get("runs", [])
+    kept = [run for run in runs if run["glibc_tunables"]
+            and "mmap_max=0" in run["glibc_tunables"] and not _fewer_cores(run, runs)]
     if not kept:
         return ""
-    rows = [r for r in kept[0]["results"] if r["experts"] == 64]
-
-    def span(cases):
-        ratios = [r["ratio_to_dense_ffn"] for r in rows if r["case"] in cases]
-        return f"{min(ratios):.2f}-{max(ratios):.2f}×"
-
     return (" With memory kept (no page faults), at E = 64 the dropless layer is at "
-            f"{span(['dropless'])} the dense FFN while the batched-matmul cases are at "
-            f"{span(['balanced einsum', 'capacity cf=1.0'])}: that difference is these per-chunk "
+            f"{_ratio_span(kept[0], ['dropless'])} the dense FFN while the batched-matmul cases "
+            f"are at {_ratio_span(kept[0], ['balanced einsum', 'capacity cf=1.0'])}: that difference is these per-chunk "
             "and per-group costs, which XLA's batched dot does not pay on equal groups.")
 
 
